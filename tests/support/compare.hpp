@@ -1,0 +1,82 @@
+// Comparisons stated as identities: normwise relative difference, and central finite
+// differences in float64.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "dash/core/rng.hpp"
+#include "dash/core/tensor.hpp"
+
+namespace dash::test {
+
+template <class T>
+double max_abs(TensorView<const T> a) {
+  double m = 0;
+  for (index_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(static_cast<double>(a.data[i])));
+  return m;
+}
+
+// max |a − b| / max |b|; NaN anywhere gives infinity, so a poisoned output cannot pass.
+template <class A, class B>
+double relative_difference(TensorView<const A> a, TensorView<const B> b) {
+  require(a.shape == b.shape, "relative_difference: shapes ", a.shape, " and ", b.shape, " differ");
+  double diff = 0, scale = 0;
+  for (index_t i = 0; i < a.numel(); ++i) {
+    const double x = static_cast<double>(a.data[i]), y = static_cast<double>(b.data[i]);
+    if (!std::isfinite(x) || !std::isfinite(y)) return std::numeric_limits<double>::infinity();
+    diff = std::max(diff, std::abs(x - y));
+    scale = std::max(scale, std::abs(y));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+template <class A, class B>
+double relative_difference(const Tensor<A>& a, const Tensor<B>& b) {
+  return relative_difference(a.view(), b.view());
+}
+
+// Central finite differences of `loss` with respect to the entries of `x` (perturbed in place
+// and restored), compared with `analytic`. The error of entry i is
+//   |fd_i − an_i| / max(|fd_i|, |an_i|, 1e-3 · max_j |an_j|)
+// (relative, with a floor so that entries that are zero up to rounding do not divide by
+// zero). At most `max_entries` entries, chosen at random, are checked; the largest error is
+// returned.
+inline double finite_difference_error(TensorView<double> x, TensorView<const double> analytic,
+                                      const std::function<double()>& loss, Rng& rng,
+                                      index_t max_entries = 200, double step = 1e-6) {
+  require(x.shape == analytic.shape, "finite_difference_error: x ", x.shape, " vs gradient ", analytic.shape);
+  require(x.contiguous(), "finite_difference_error: x must be contiguous");
+  std::vector<index_t> entries(static_cast<std::size_t>(x.numel()));
+  for (index_t i = 0; i < x.numel(); ++i) entries[i] = i;
+  if (x.numel() > max_entries) {
+    for (index_t i = 0; i < max_entries; ++i) std::swap(entries[i], entries[i + rng.below(x.numel() - i)]);
+    entries.resize(static_cast<std::size_t>(max_entries));
+  }
+  const double floor = 1e-3 * std::max(max_abs(analytic), 1e-300);
+  double worst = 0;
+  for (index_t i : entries) {
+    const double saved = x.data[i];
+    x.data[i] = saved + step;
+    const double up = loss();
+    x.data[i] = saved - step;
+    const double down = loss();
+    x.data[i] = saved;
+    const double fd = (up - down) / (2 * step);
+    const double an = analytic.data[i];
+    if (!std::isfinite(fd) || !std::isfinite(an)) return std::numeric_limits<double>::infinity();
+    worst = std::max(worst, std::abs(fd - an) / std::max({std::abs(fd), std::abs(an), floor}));
+  }
+  return worst;
+}
+
+// Σ w ⊙ y: a scalar loss whose gradient with respect to y is w.
+inline double weighted_sum(TensorView<const double> y, TensorView<const double> w) {
+  double s = 0;
+  for (index_t i = 0; i < y.numel(); ++i) s += y.data[i] * w.data[i];
+  return s;
+}
+
+}  // namespace dash::test
