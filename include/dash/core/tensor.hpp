@@ -42,7 +42,7 @@ struct TensorView {
   int rank() const { return shape.rank(); }
   index_t dim(int axis) const { return shape[axis]; }
   index_t numel() const { return shape.numel(); }
-  bool empty() const { return numel() == 0; }
+  bool empty() const { return data == nullptr || numel() == 0; }
   bool contiguous() const { return stride == shape.strides(); }
 
   template <class... I>
@@ -99,7 +99,7 @@ class Tensor {
   }
 
  private:
-  Shape shape_;
+  Shape shape_ = Shape{0};  // a default tensor is empty, not a scalar
   std::vector<T> storage_;
 };
 
