@@ -8,3 +8,4 @@
 #include "dash/ops/attention.hpp"
 #include "dash/ops/operator.hpp"
 #include "dash/ops/rope.hpp"
+#include "dash/mixed_attention.hpp"

@@ -5,6 +5,13 @@
 #include <cstdint>
 #include <string_view>
 
+// Marks the small accessors of shapes and views that kernels call on the device too.
+#if defined(__CUDACC__)
+#define DASH_HOST_DEVICE __host__ __device__
+#else
+#define DASH_HOST_DEVICE
+#endif
+
 namespace dash {
 
 enum class Device : std::uint8_t { cpu, cuda };

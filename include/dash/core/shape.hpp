@@ -6,6 +6,7 @@
 #include <initializer_list>
 #include <ostream>
 
+#include "dash/core/device.hpp"
 #include "dash/core/error.hpp"
 
 namespace dash {
@@ -25,9 +26,9 @@ class Shape {
     }
   }
 
-  constexpr int rank() const { return rank_; }
-  constexpr index_t operator[](int axis) const { return extent_[axis]; }
-  constexpr index_t numel() const {
+  DASH_HOST_DEVICE constexpr int rank() const { return rank_; }
+  DASH_HOST_DEVICE constexpr index_t operator[](int axis) const { return extent_[axis]; }
+  DASH_HOST_DEVICE constexpr index_t numel() const {
     index_t n = 1;
     for (int i = 0; i < rank_; ++i) n *= extent_[i];
     return n;

@@ -39,14 +39,14 @@ struct TensorView {
   TensorView(const TensorView<U>& other)  // NOLINT(google-explicit-constructor)
       : data(other.data), shape(other.shape), stride(other.stride), device(other.device) {}
 
-  int rank() const { return shape.rank(); }
-  index_t dim(int axis) const { return shape[axis]; }
-  index_t numel() const { return shape.numel(); }
-  bool empty() const { return data == nullptr || numel() == 0; }
+  DASH_HOST_DEVICE int rank() const { return shape.rank(); }
+  DASH_HOST_DEVICE index_t dim(int axis) const { return shape[axis]; }
+  DASH_HOST_DEVICE index_t numel() const { return shape.numel(); }
+  DASH_HOST_DEVICE bool empty() const { return data == nullptr || numel() == 0; }
   bool contiguous() const { return stride == shape.strides(); }
 
   template <class... I>
-  T& operator()(I... i) const {
+  DASH_HOST_DEVICE T& operator()(I... i) const {
     static_assert(sizeof...(I) <= Shape::max_rank);
     const index_t idx[] = {static_cast<index_t>(i)...};
     index_t offset = 0;
