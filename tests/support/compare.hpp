@@ -39,14 +39,17 @@ double relative_difference(const Tensor<A>& a, const Tensor<B>& b) {
 }
 
 // Central finite differences of `loss` with respect to the entries of `x` (perturbed in place
-// and restored), compared with `analytic`. The error of entry i is
-//   |fd_i − an_i| / max(|fd_i|, |an_i|, 1e-3 · max_j |an_j|)
-// (relative, with a floor so that entries that are zero up to rounding do not divide by
-// zero). At most `max_entries` entries, chosen at random, are checked; the largest error is
-// returned.
+// and restored), compared with `analytic`. The fourth-order central stencil
+//   f'(x) ≈ (f(x−2h) − 8 f(x−h) + 8 f(x+h) − f(x+2h)) / 12h
+// has truncation error O(h⁴) and rounding error of the order of ε·|f|/h. The error of entry i is
+//   |fd_i − an_i| / max(|fd_i|, |an_i|, floor),  floor = max(1e-3 · max_j |an_j|, 1e7 · ε·|f|/h)
+// relative, with a floor so that entries whose gradient is zero, or below what differences of
+// f can resolve, do not divide rounding noise by (almost) zero: with a tolerance of 1e-6 such
+// an entry must still agree to 10 × ε·|f|/h in absolute terms, ten times the noise itself.
+// At most `max_entries` entries, chosen at random, are checked; the largest error is returned.
 inline double finite_difference_error(TensorView<double> x, TensorView<const double> analytic,
                                       const std::function<double()>& loss, Rng& rng,
-                                      index_t max_entries = 200, double step = 1e-6) {
+                                      index_t max_entries = 200, double step = 1e-3) {
   require(x.shape == analytic.shape, "finite_difference_error: x ", x.shape, " vs gradient ", analytic.shape);
   require(x.contiguous(), "finite_difference_error: x must be contiguous");
   std::vector<index_t> entries(static_cast<std::size_t>(x.numel()));
@@ -55,16 +58,20 @@ inline double finite_difference_error(TensorView<double> x, TensorView<const dou
     for (index_t i = 0; i < max_entries; ++i) std::swap(entries[i], entries[i + rng.below(x.numel() - i)]);
     entries.resize(static_cast<std::size_t>(max_entries));
   }
-  const double floor = 1e-3 * std::max(max_abs(analytic), 1e-300);
+  const double noise = std::numeric_limits<double>::epsilon() * std::max(1.0, std::abs(loss())) / step;
+  const double floor = std::max(1e-3 * max_abs(analytic), 1e7 * noise);
+  const auto at = [&](index_t i, double value) {
+    const double saved = x.data[i];
+    x.data[i] = value;
+    const double f = loss();
+    x.data[i] = saved;
+    return f;
+  };
   double worst = 0;
   for (index_t i : entries) {
-    const double saved = x.data[i];
-    x.data[i] = saved + step;
-    const double up = loss();
-    x.data[i] = saved - step;
-    const double down = loss();
-    x.data[i] = saved;
-    const double fd = (up - down) / (2 * step);
+    const double x0 = x.data[i];
+    const double fd = (at(i, x0 - 2 * step) - 8 * at(i, x0 - step) + 8 * at(i, x0 + step) - at(i, x0 + 2 * step)) /
+                      (12 * step);
     const double an = analytic.data[i];
     if (!std::isfinite(fd) || !std::isfinite(an)) return std::numeric_limits<double>::infinity();
     worst = std::max(worst, std::abs(fd - an) / std::max({std::abs(fd), std::abs(an), floor}));
