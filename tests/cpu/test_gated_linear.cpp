@@ -154,11 +154,11 @@ TEST_CASE("gla: backward of both forms matches central differences in float64") 
         return test::weighted_sum(o, w_o) + test::weighted_sum(s1, w_s);
       };
       const MixerGrads an = run_backward(form, chunk, m, scale, w_o, w_s);
-      CHECK(test::finite_difference_error(m.q.view(), an.dq.view(), loss, rng, 200, 1e-5) <= 1e-6);
-      CHECK(test::finite_difference_error(m.k.view(), an.dk.view(), loss, rng, 200, 1e-5) <= 1e-6);
-      CHECK(test::finite_difference_error(m.v.view(), an.dv.view(), loss, rng, 200, 1e-5) <= 1e-6);
-      CHECK(test::finite_difference_error(m.g.view(), an.dg.view(), loss, rng, 200, 1e-5) <= 1e-6);
-      CHECK(test::finite_difference_error(m.s0.view(), an.ds0.view(), loss, rng, 200, 1e-5) <= 1e-6);
+      CHECK(test::finite_difference_error(m.q.view(), an.dq.view(), loss, rng) <= 1e-6);
+      CHECK(test::finite_difference_error(m.k.view(), an.dk.view(), loss, rng) <= 1e-6);
+      CHECK(test::finite_difference_error(m.v.view(), an.dv.view(), loss, rng) <= 1e-6);
+      CHECK(test::finite_difference_error(m.g.view(), an.dg.view(), loss, rng) <= 1e-6);
+      CHECK(test::finite_difference_error(m.s0.view(), an.ds0.view(), loss, rng) <= 1e-6);
     }
 }
 
@@ -373,7 +373,7 @@ TEST_CASE("GatedLinear: layer gradients match central differences in float64") {
         Tensor<double> dh(h.shape(), 0.0);
         auto grads = op.zero_params<double>(s);
         op.backward<double>(s, p, h, saved, w_y, dh, grads);
-        CHECK(test::finite_difference_error(h.view(), dh.view(), loss, rng, 200, 3e-5) <= 1e-6);
+        CHECK(test::finite_difference_error(h.view(), dh.view(), loss, rng) <= 1e-6);
         p.for_each([&](const char* name, Tensor<double>& param) {
           Tensor<double>* g = nullptr;
           grads.for_each([&](const char* gname, Tensor<double>& gp) {
@@ -381,7 +381,7 @@ TEST_CASE("GatedLinear: layer gradients match central differences in float64") {
           });
           INFO("parameter ", std::string(name), ", max |grad| ", test::max_abs<double>(g ? g->view() : TensorView<double>{}));
           REQUIRE(g != nullptr);
-          CHECK(test::finite_difference_error(param.view(), g->view(), loss, rng, 200, 3e-5) <= 1e-6);
+          CHECK(test::finite_difference_error(param.view(), g->view(), loss, rng) <= 1e-6);
         });
         // Empty grads: only dh, and dh is added into.
         GatedLinear::Params<double> none;
