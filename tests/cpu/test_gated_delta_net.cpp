@@ -77,7 +77,7 @@ CoreOut<T> run_core(const CoreInputs<T>& in, Form form, index_t chunk, double sc
   CoreOut<T> r{Tensor<T>(Shape{in.q.dim(0), in.q.dim(1), in.q.dim(2), in.v.dim(3)}), Tensor<T>(in.states_shape(chunk))};
   test::poison(r.out.view());
   test::poison(r.states.view());
-  const auto f = form == Form::chunked ? &eigen::gdn::chunked_forward<T> : &eigen::gdn::recurrent_forward<T>;
+  const auto f = form == Form::chunked ? &eigen::gdn::forward_chunked<T> : &eigen::gdn::forward_recurrent<T>;
   f(in.q, in.k, in.v, in.g, in.beta, in.s0.view(), r.out, r.states, chunk, scale);
   return r;
 }
@@ -94,7 +94,7 @@ CoreGrads<T> run_core_backward(const CoreInputs<T>& in, const CoreOut<T>& fwd, c
       Tensor<T>(in.q.shape(), T(0)),    Tensor<T>(in.k.shape(), T(0)),
       Tensor<T>(in.v.shape(), T(0)),    Tensor<T>(in.g.shape(), T(0)),
       Tensor<T>(in.beta.shape(), T(0)), Tensor<T>(Shape{in.q.dim(0), in.k.dim(2), in.k.dim(3), in.v.dim(3)}, T(0))};
-  const auto f = form == Form::chunked ? &eigen::gdn::chunked_backward<T> : &eigen::gdn::recurrent_backward<T>;
+  const auto f = form == Form::chunked ? &eigen::gdn::backward_chunked<T> : &eigen::gdn::backward_recurrent<T>;
   f(in.q, in.k, in.v, in.g, in.beta, fwd.states, d_out, d_final.view(), g.dq, g.dk, g.dv, g.dg, g.dbeta, g.ds0, chunk,
     scale);
   return g;
@@ -478,12 +478,12 @@ TEST_CASE("GatedDeltaNet cost: a state constant in the context; FLOPs linear in 
   const AttentionShape s{.d_model = 576, .n_heads = 9, .n_kv_heads = 3, .d_head = 64};
   const GatedDeltaNet op;
   const Cost c1 = op.cost({.shape = s, .context = 1024}), c8 = op.cost({.shape = s, .context = 8192});
-  CHECK(c1.kv_bytes == 9.0 * 64 * 64 * 2);  // bf16 by default (CostQuery)
+  CHECK(c1.kv_bytes == 9.0 * 64 * 64 * 4);  // fp32 state by default (CostQuery)
   CHECK(c8.kv_bytes == c1.kv_bytes);
   CHECK(c8.flops == doctest::Approx(8 * c1.flops));
   CHECK(c1.softmax_layers == 0);
   const GatedDeltaNet shared{.state_per_query_head = false};
-  CHECK(shared.cost({.shape = s, .context = 1024, .bytes_per_element = 4}).kv_bytes == 3.0 * 64 * 64 * 4);
+  CHECK(shared.cost({.shape = s, .context = 1024, .state_bytes_per_element = 4}).kv_bytes == 3.0 * 64 * 64 * 4);
   const GatedDeltaNet recurrent{.form = Form::recurrent};
   CHECK(recurrent.cost({.shape = s, .context = 8192}).flops ==
         doctest::Approx(8 * recurrent.cost({.shape = s, .context = 1024}).flops));

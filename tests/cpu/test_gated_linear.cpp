@@ -427,11 +427,11 @@ TEST_CASE("GatedLinear: cost is a constant-size state and no softmax layer") {
   const GatedLinear op;
   const Cost short_ctx = op.cost({.shape = s, .context = 128});
   const Cost long_ctx = op.cost({.shape = s, .context = 8192});
-  CHECK(short_ctx.kv_bytes == 9.0 * 64 * 64 * 2);
+  CHECK(short_ctx.kv_bytes == 9.0 * 64 * 64 * 4);  // fp32 state by default (CostQuery)
   CHECK(long_ctx.kv_bytes == short_ctx.kv_bytes);
   CHECK(long_ctx.softmax_layers == 0);
   CHECK(long_ctx.flops == doctest::Approx(short_ctx.flops * 64));  // linear in T
-  CHECK(op.cost({.shape = s, .context = 8192, .bytes_per_element = 4}).kv_bytes == 9.0 * 64 * 64 * 4);
+  CHECK(op.cost({.shape = s, .context = 8192, .state_bytes_per_element = 2}).kv_bytes == 9.0 * 64 * 64 * 2);
 }
 
 TEST_CASE("GatedLinear: bad input throws dash::Error naming what is wrong") {

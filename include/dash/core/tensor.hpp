@@ -149,10 +149,17 @@ void require_host(TensorView<T> v, std::string_view what) {
 
 template <class T>
 void require_finite(TensorView<T> v, std::string_view what) {
-  const Tensor<std::remove_const_t<T>> c = clone(v);
-  for (index_t i = 0; i < c.numel(); ++i) {
-    const double x = static_cast<double>(c.data()[i]);
-    require(std::isfinite(x), what, ": element ", i, " is ", x, ", expected a finite value");
+  const auto check = [&](const std::remove_const_t<T>* data, index_t n) {
+    for (index_t i = 0; i < n; ++i) {
+      const double x = static_cast<double>(data[i]);
+      require(std::isfinite(x), what, ": element ", i, " is ", x, ", expected a finite value");
+    }
+  };
+  if (v.contiguous()) {
+    check(v.data, v.numel());
+  } else {
+    const Tensor<std::remove_const_t<T>> c = clone(v);
+    check(c.data(), c.numel());
   }
 }
 

@@ -31,7 +31,7 @@
 //   * scale = 1 (not fla's 1/sqrt(D)): q̂ and k̂ are unit vectors, so a query equal to a stored
 //     key reads back a value of the size of v, which is what the teacher's Wo expects.
 //
-// Cost: a state of Hs·D·D elements at query.bytes_per_element each (the contract's convention,
+// Cost: a state of Hs·D·D elements at query.state_bytes_per_element each (fp32 by default,
 // as for GatedLinear), constant in the context length; FLOPs of the configured form (cost()).
 //
 // Decoding: `step` runs tokens h [B, T, d_model] (T = 1: one decode step; more: a prefill) from
@@ -182,7 +182,7 @@ struct GatedDeltaNet {
     const AttentionShape& s = query.shape;
     const double Hs = state_heads(s), H = s.n_heads, D = s.d_head, T_ = double(query.context);
     Cost c;
-    c.kv_bytes = Hs * D * D * query.bytes_per_element;
+    c.kv_bytes = Hs * D * D * query.state_bytes_per_element;
     if (form == Form::recurrent) {
       c.flops = T_ * (Hs * 5 * D * D + H * 2 * D * D);
     } else {
@@ -246,7 +246,7 @@ struct GatedDeltaNet {
 
     Tensor<T> dq(saved.q.shape(), T(0)), dk(saved.k.shape(), T(0)), dv(saved.v.shape(), T(0));
     Tensor<T> dg(saved.g.shape(), T(0)), dbeta(saved.beta.shape(), T(0));
-    const auto run = form == Form::chunked ? &eigen::gdn::chunked_backward<T> : &eigen::gdn::recurrent_backward<T>;
+    const auto run = form == Form::chunked ? &eigen::gdn::backward_chunked<T> : &eigen::gdn::backward_recurrent<T>;
     run(saved.q.view(), saved.k.view(), saved.v.view(), saved.g.view(), saved.beta.view(), saved.states.view(),
         d_mixed.view(), TensorView<const T>{}, dq.view(), dk.view(), dv.view(), dg.view(), dbeta.view(),
         TensorView<T>{}, saved.chunk, scale);
@@ -346,7 +346,7 @@ struct GatedDeltaNet {
     allocate(w, B, T_, own.n_heads, own.n_kv_heads, own.d_head, eigen::gdn::chunk_count(T_, chunk) + 1);
     w.chunk = chunk;
     mixer_inputs(own, p, h, w);
-    const auto run = form == Form::chunked ? &eigen::gdn::chunked_forward<T> : &eigen::gdn::recurrent_forward<T>;
+    const auto run = form == Form::chunked ? &eigen::gdn::forward_chunked<T> : &eigen::gdn::forward_recurrent<T>;
     run(w.q.view(), w.k.view(), w.v.view(), w.g.view(), w.beta.view(), s0, w.mixed.view(), w.states.view(), chunk,
         scale);
   }

@@ -115,7 +115,7 @@ struct GatedLinear {
   Cost cost(const CostQuery& query) const {
     const double H = query.shape.n_heads, D = query.shape.d_head, T = double(query.context);
     Cost c;
-    c.kv_bytes = H * D * D * query.bytes_per_element;
+    c.kv_bytes = H * D * D * query.state_bytes_per_element;
     if (form == Form::chunked) {
       const double C = double(std::min<index_t>(chunk, std::max<index_t>(query.context, 1)));
       c.flops = H * T * (4 * C * D + 4 * D * D);

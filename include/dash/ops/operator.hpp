@@ -35,7 +35,8 @@ namespace dash {
 struct CostQuery {
   AttentionShape shape;
   index_t context = 0;
-  double bytes_per_element = 2;  // KV cache / state stored in bf16 by default
+  double kv_bytes_per_element = 2;     // KV cache entries, bf16 by default
+  double state_bytes_per_element = 4;  // recurrent state entries, fp32 (DESIGN.md §4)
 };
 
 struct Cost {

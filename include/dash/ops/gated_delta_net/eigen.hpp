@@ -168,7 +168,7 @@ struct Chunk {
 // out [B,T,H,Dv]: the mixer output. s0 [B,Hs,D,Dv] or empty (zero initial state).
 // states [B,Hs,n_chunks+1,D,Dv] or empty: the checkpoints (see the header comment).
 template <class T>
-void chunked_forward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
+void forward_chunked(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
                      TensorView<const T> beta, TensorView<const T> s0, TensorView<T> out, TensorView<T> states,
                      index_t chunk, double scale) {
   const Dims dm = check_core(q, k, v, g, beta, chunk);
@@ -209,7 +209,7 @@ void chunked_forward(TensorView<const T> q, TensorView<const T> k, TensorView<co
 // Adds into dq, dk, dv, dg, dbeta and (when not empty) ds0. d_final [B,Hs,D,Dv] is the gradient
 // of the final state, or empty. `states` are the forward's checkpoints for the same chunk.
 template <class T>
-void chunked_backward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
+void backward_chunked(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
                       TensorView<const T> beta, TensorView<const T> states, TensorView<const T> d_out,
                       TensorView<const T> d_final, TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
                       TensorView<T> dg, TensorView<T> dbeta, TensorView<T> ds0, index_t chunk, double scale) {
@@ -326,9 +326,9 @@ void step_state(Matrix<T>& S, const KRow& k_row, const VRow& v_row, T a, T b) {
   S.noalias() += k_row.transpose() * w.transpose();
 }
 
-// Same contract as chunked_forward; `chunk` is the checkpoint interval.
+// Same contract as forward_chunked; `chunk` is the checkpoint interval.
 template <class T>
-void recurrent_forward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
+void forward_recurrent(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
                        TensorView<const T> beta, TensorView<const T> s0, TensorView<T> out, TensorView<T> states,
                        index_t chunk, double scale) {
   const Dims dm = check_core(q, k, v, g, beta, chunk);
@@ -357,9 +357,9 @@ void recurrent_forward(TensorView<const T> q, TensorView<const T> k, TensorView<
     }
 }
 
-// Same contract as chunked_backward.
+// Same contract as backward_chunked.
 template <class T>
-void recurrent_backward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
+void backward_recurrent(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
                         TensorView<const T> beta, TensorView<const T> states, TensorView<const T> d_out,
                         TensorView<const T> d_final, TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
                         TensorView<T> dg, TensorView<T> dbeta, TensorView<T> ds0, index_t chunk, double scale) {
