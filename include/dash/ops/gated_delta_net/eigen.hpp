@@ -206,13 +206,12 @@ void forward_chunked(TensorView<const T> q, TensorView<const T> k, TensorView<co
     }
 }
 
-// Adds into dq, dk, dv, dg, dbeta and (when not empty) ds0. d_final [B,Hs,D,Dv] is the gradient
-// of the final state, or empty. `states` are the forward's checkpoints for the same chunk.
+// The checks shared by both backward forms.
 template <class T>
-void backward_chunked(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
-                      TensorView<const T> beta, TensorView<const T> states, TensorView<const T> d_out,
-                      TensorView<const T> d_final, TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
-                      TensorView<T> dg, TensorView<T> dbeta, TensorView<T> ds0, index_t chunk, double scale) {
+Dims check_backward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
+                    TensorView<const T> beta, TensorView<const T> states, TensorView<const T> d_out,
+                    TensorView<const T> d_final, TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
+                    TensorView<T> dg, TensorView<T> dbeta, TensorView<T> ds0, index_t chunk) {
   const Dims dm = check_core(q, k, v, g, beta, chunk);
   require_shape(states, dm.states(), "GatedDeltaNet states (checkpoints from the forward with the same chunk)");
   require_dense(states, "GatedDeltaNet states");
@@ -231,6 +230,17 @@ void backward_chunked(TensorView<const T> q, TensorView<const T> k, TensorView<c
                          {TensorView<const T>(dbeta), "dbeta"}})
     require_dense(x, what);
   if (!ds0.empty()) require_shape(ds0, dm.state(), "GatedDeltaNet ds0");
+  return dm;
+}
+
+// Adds into dq, dk, dv, dg, dbeta and (when not empty) ds0. d_final [B,Hs,D,Dv] is the gradient
+// of the final state, or empty. `states` are the forward's checkpoints for the same chunk.
+template <class T>
+void backward_chunked(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
+                      TensorView<const T> beta, TensorView<const T> states, TensorView<const T> d_out,
+                      TensorView<const T> d_final, TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
+                      TensorView<T> dg, TensorView<T> dbeta, TensorView<T> ds0, index_t chunk, double scale) {
+  const Dims dm = check_backward(q, k, v, g, beta, states, d_out, d_final, dq, dk, dv, dg, dbeta, ds0, chunk);
   using Mat = Matrix<T>;
   using Vec = Vector<T>;
   const T sc = T(scale);
@@ -363,24 +373,7 @@ void backward_recurrent(TensorView<const T> q, TensorView<const T> k, TensorView
                         TensorView<const T> beta, TensorView<const T> states, TensorView<const T> d_out,
                         TensorView<const T> d_final, TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
                         TensorView<T> dg, TensorView<T> dbeta, TensorView<T> ds0, index_t chunk, double scale) {
-  const Dims dm = check_core(q, k, v, g, beta, chunk);
-  require_shape(states, dm.states(), "GatedDeltaNet states (checkpoints from the forward with the same chunk)");
-  require_dense(states, "GatedDeltaNet states");
-  require_shape(d_out, Shape{dm.B, dm.T, dm.H, dm.Dv}, "GatedDeltaNet d_out");
-  require_dense(d_out, "GatedDeltaNet d_out");
-  if (!d_final.empty()) require_shape(d_final, dm.state(), "GatedDeltaNet d_final");
-  require_shape(dq, q.shape, "GatedDeltaNet dq");
-  require_shape(dk, k.shape, "GatedDeltaNet dk");
-  require_shape(dv, v.shape, "GatedDeltaNet dv");
-  require_shape(dg, g.shape, "GatedDeltaNet dg");
-  require_shape(dbeta, beta.shape, "GatedDeltaNet dbeta");
-  for (auto [x, what] : {std::pair{TensorView<const T>(dq), "dq"},
-                         {TensorView<const T>(dk), "dk"},
-                         {TensorView<const T>(dv), "dv"},
-                         {TensorView<const T>(dg), "dg"},
-                         {TensorView<const T>(dbeta), "dbeta"}})
-    require_dense(x, what);
-  if (!ds0.empty()) require_shape(ds0, dm.state(), "GatedDeltaNet ds0");
+  const Dims dm = check_backward(q, k, v, g, beta, states, d_out, d_final, dq, dk, dv, dg, dbeta, ds0, chunk);
   using Mat = Matrix<T>;
   using Vec = Vector<T>;
   const T sc = T(scale);
