@@ -8,6 +8,7 @@
 #include <cstdlib>
 
 #include "dash/core/cuda.hpp"
+#include "support/skip.hpp"
 
 namespace dash::test {
 
@@ -16,6 +17,7 @@ inline bool gpu_available() {
   if (!present) {
     const char* required = std::getenv("DASH_REQUIRE_GPU");
     REQUIRE_MESSAGE(!(required && required[0] == '1'), "DASH_REQUIRE_GPU=1 but no CUDA device is visible");
+    skipped() = true;
     std::printf("SKIPPED: %s: no CUDA device visible\n", doctest::getContextOptions()->currentTest->m_name);
   }
   return present;
