@@ -165,17 +165,26 @@ struct Chunk {
   }
 };
 
+// The checks shared by both forward forms.
+template <class T>
+Dims check_forward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
+                   TensorView<const T> beta, TensorView<const T> s0, TensorView<T> out, TensorView<T> states,
+                   index_t chunk) {
+  const Dims dm = check_core(q, k, v, g, beta, chunk);
+  require_shape(out, Shape{dm.B, dm.T, dm.H, dm.Dv}, "GatedDeltaNet out");
+  require_dense(out, "GatedDeltaNet out");
+  if (!s0.empty()) require_shape(s0, dm.state(), "GatedDeltaNet initial state");
+  if (!states.empty()) require_shape(states, dm.states(), "GatedDeltaNet states");
+  return dm;
+}
+
 // out [B,T,H,Dv]: the mixer output. s0 [B,Hs,D,Dv] or empty (zero initial state).
 // states [B,Hs,n_chunks+1,D,Dv] or empty: the checkpoints (see the header comment).
 template <class T>
 void forward_chunked(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
                      TensorView<const T> beta, TensorView<const T> s0, TensorView<T> out, TensorView<T> states,
                      index_t chunk, double scale) {
-  const Dims dm = check_core(q, k, v, g, beta, chunk);
-  require_shape(out, Shape{dm.B, dm.T, dm.H, dm.Dv}, "GatedDeltaNet out");
-  require_dense(out, "GatedDeltaNet out");
-  if (!s0.empty()) require_shape(s0, dm.state(), "GatedDeltaNet initial state");
-  if (!states.empty()) require_shape(states, dm.states(), "GatedDeltaNet states");
+  const Dims dm = check_forward(q, k, v, g, beta, s0, out, states, chunk);
   using Mat = Matrix<T>;
   const T sc = T(scale);
   Chunk<T> c;
@@ -341,11 +350,7 @@ template <class T>
 void forward_recurrent(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> g,
                        TensorView<const T> beta, TensorView<const T> s0, TensorView<T> out, TensorView<T> states,
                        index_t chunk, double scale) {
-  const Dims dm = check_core(q, k, v, g, beta, chunk);
-  require_shape(out, Shape{dm.B, dm.T, dm.H, dm.Dv}, "GatedDeltaNet out");
-  require_dense(out, "GatedDeltaNet out");
-  if (!s0.empty()) require_shape(s0, dm.state(), "GatedDeltaNet initial state");
-  if (!states.empty()) require_shape(states, dm.states(), "GatedDeltaNet states");
+  const Dims dm = check_forward(q, k, v, g, beta, s0, out, states, chunk);
   const T sc = T(scale);
   Matrix<T> S;
   for (index_t b = 0; b < dm.B; ++b)
