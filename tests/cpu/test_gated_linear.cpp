@@ -6,10 +6,12 @@
 
 #include "dash/ops/gated_linear.hpp"
 #include "reference/gated_linear_loops.hpp"
+#include "support/attention_case.hpp"
 #include "support/compare.hpp"
 #include "support/random.hpp"
 
 using namespace dash;
+using dash::test::attention::repeat_heads;
 namespace gla = dash::eigen::gla;
 
 namespace {
@@ -40,16 +42,6 @@ struct Mixer {
 template <class T>
 Tensor<double> to_double(const Tensor<T>& t) {
   return cast<double, T>(t.view());
-}
-
-// Copies k/v heads so that head j of the result is head j / repeat of x.
-Tensor<double> repeat_heads(const Tensor<double>& x, index_t repeat) {
-  Tensor<double> out(Shape{x.dim(0), x.dim(1), x.dim(2) * repeat, x.dim(3)});
-  for (index_t b = 0; b < x.dim(0); ++b)
-    for (index_t t = 0; t < x.dim(1); ++t)
-      for (index_t j = 0; j < out.dim(2); ++j)
-        for (index_t d = 0; d < x.dim(3); ++d) out(b, t, j, d) = x(b, t, j / repeat, d);
-  return out;
 }
 
 enum class Form { chunked, recurrent };
