@@ -1,0 +1,184 @@
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "dash/mixed_attention.hpp"
+#include "dash/model/decoder.hpp"
+#include "dash/model/loss.hpp"
+#include "dash/ops/gated_linear.hpp"
+#include "dash/ops/sliding_window.hpp"
+#include "dash/ops/softmax.hpp"
+#include "reference/llama_loops.hpp"
+#include "support/compare.hpp"
+#include "support/random.hpp"
+
+using namespace dash;
+
+namespace {
+
+model::Config random_config(Rng& rng) {
+  model::Config c;
+  c.n_layers = 1 + int(rng.below(3));
+  c.n_kv_heads = 1 + int(rng.below(2));
+  c.n_heads = c.n_kv_heads * (1 + int(rng.below(2)));
+  c.d_head = 4;
+  c.d_model = 8 + 4 * int(rng.below(2));
+  c.d_ff = 12 + int(rng.below(5));
+  c.vocab_size = 11 + int(rng.below(20));
+  c.context_length = 256;
+  c.rms_eps = 1e-5;
+  c.rope = {rng.below(2) ? RopeConfig::Style::half : RopeConfig::Style::interleaved, 100.0};
+  c.qkv_bias = rng.below(2) == 1;
+  c.tied_embeddings = rng.below(2) == 1;
+  return c;
+}
+
+std::vector<int> random_ids(Rng& rng, index_t n, int vocab) {
+  std::vector<int> ids(static_cast<std::size_t>(n));
+  for (int& t : ids) t = int(rng.below(std::uint64_t(vocab)));
+  return ids;
+}
+
+template <class T, class... Ops>
+using MixedDecoder = model::Decoder<T, BasicMixedAttention<T, Ops...>>;
+
+template <class T, class... Ops>
+MixedDecoder<T, Ops...> make_decoder(const model::Config& c, model::Weights<T> w, Rng& rng, Ops... ops) {
+  return MixedDecoder<T, Ops...>(c, std::move(w), [&](int, const AttentionShape& s, AttentionWeights<T> a) {
+    return BasicMixedAttention<T, Ops...>(s, std::move(a), rng, ops...);
+  });
+}
+
+}  // namespace
+
+TEST_CASE("the decoder's logits equal a plain-loop Llama (GQA, both RoPE styles, bias, tied and separate heads)") {
+  Rng rng = test::rng_for("decoder logits");
+  for (int trial = 0; trial < 6; ++trial) {
+    const model::Config c = random_config(rng);
+    const model::Weights<double> w = model::Weights<double>::random(c, rng);
+    const index_t B = 1 + index_t(rng.below(2)), T = 1 + index_t(rng.below(40));
+    const std::vector<int> ids = random_ids(rng, B * T, c.vocab_size);
+    const auto expected = reference::llama_logits_loops(c, w, ids, B, T);
+    const auto decoder = make_decoder<double>(c, w, rng, Softmax{});
+    decltype(decoder)::Activations act;
+    decoder.forward({ids, B, T}, act);
+    Tensor<double> z(Shape{B, T, c.vocab_size});
+    test::poison(z.view());
+    model::logits<double>(w.head().view(), act.hidden.view(), z.view());
+    const Tensor<double> want = [&] {
+      Tensor<double> t(z.shape());
+      std::copy(expected.begin(), expected.end(), t.data());
+      return t;
+    }();
+    CAPTURE(trial);
+    CHECK(test::relative_difference(z, want) <= 1e-12);
+  }
+}
+
+TEST_CASE("NLL and KL equal their definitions; KL(p ‖ p) = 0") {
+  Rng rng = test::rng_for("losses");
+  const index_t V = 37, d = 6, n = 1 + index_t(rng.below(30));
+  const Tensor<double> head = test::random_tensor<double>(Shape{V, d}, rng);
+  const Tensor<double> ht = test::random_tensor<double>(Shape{1, n, d}, rng);
+  const Tensor<double> hs = test::random_tensor<double>(Shape{1, n, d}, rng);
+  std::vector<int> targets = random_ids(rng, n, int(V));
+  targets[0] = -1;  // not counted
+  double nll = 0, kl = 0;
+  for (index_t i = 0; i < n; ++i) {
+    std::vector<double> zt(static_cast<std::size_t>(V)), zs(static_cast<std::size_t>(V));
+    double st = 0, ss = 0;
+    for (index_t v = 0; v < V; ++v) {
+      for (index_t j = 0; j < d; ++j) zt[v] += head(v, j) * ht(0, i, j), zs[v] += head(v, j) * hs(0, i, j);
+      st += std::exp(zt[v]), ss += std::exp(zs[v]);
+    }
+    if (targets[std::size_t(i)] >= 0) nll += std::log(ss) - zs[std::size_t(targets[std::size_t(i)])];
+    for (index_t v = 0; v < V; ++v) {
+      const double p = std::exp(zt[v]) / st, q = std::exp(zs[v]) / ss;
+      kl += p * (std::log(p) - std::log(q));
+    }
+  }
+  const auto got_nll = model::nll_loss<double>(head.view(), hs.view(), targets);
+  CHECK(got_nll.count == n - 1);
+  CHECK(std::abs(got_nll.mean() - nll / double(n - 1)) <= 1e-12 * std::abs(nll));
+  const auto got_kl = model::kl_loss<double>(head.view(), ht.view(), hs.view());
+  CHECK(std::abs(got_kl.mean() - kl / double(n)) <= 1e-12 * std::max(1.0, kl));
+  CHECK(std::abs(model::kl_loss<double>(head.view(), hs.view(), hs.view()).mean()) <= 1e-14);
+}
+
+TEST_CASE("loss gradients at the hidden states match central differences") {
+  Rng rng = test::rng_for("loss gradients");
+  const index_t V = 29, d = 5, n = 1 + index_t(rng.below(20));
+  const Tensor<double> head = test::random_tensor<double>(Shape{V, d}, rng);
+  const Tensor<double> ht = test::random_tensor<double>(Shape{1, n, d}, rng);
+  Tensor<double> hs = test::random_tensor<double>(Shape{1, n, d}, rng);
+  const std::vector<int> targets = random_ids(rng, n, int(V));
+  Tensor<double> d_nll(hs.shape(), 0.0), d_kl(hs.shape(), 0.0);
+  model::nll_loss<double>(head.view(), hs.view(), targets, d_nll.view());
+  model::kl_loss<double>(head.view(), ht.view(), hs.view(), d_kl.view());
+  CHECK(test::finite_difference_error(hs.view(), d_nll.view(),
+                                      [&] { return model::nll_loss<double>(head.view(), hs.view(), targets).mean(); },
+                                      rng) <= 1e-6);
+  CHECK(test::finite_difference_error(hs.view(), d_kl.view(),
+                                      [&] { return model::kl_loss<double>(head.view(), ht.view(), hs.view()).mean(); },
+                                      rng) <= 1e-6);
+}
+
+TEST_CASE("decoder backward: KL gradients to the mixers' logits, their parameters and the layer inputs") {
+  Rng rng = test::rng_for("decoder backward");
+  for (int trial = 0; trial < 3; ++trial) {
+    model::Config c = random_config(rng);
+    c.tied_embeddings = false;  // so that perturbing the embedding moves only x₀, not the head
+    const model::Weights<double> w = model::Weights<double>::random(c, rng);
+    GatedLinear gla;
+    gla.chunk = 1 + index_t(rng.below(5));
+    auto student = make_decoder<double>(c, w, rng, Softmax{}, SlidingWindow<>(1 + index_t(rng.below(6))), gla);
+    for (auto& m : student.mixers()) {
+      std::array<double, 3> a{rng.normal(), rng.normal(), rng.normal()};
+      m.set_logits(a);
+    }
+    const index_t B = 1 + index_t(rng.below(2)), T = 2 + index_t(rng.below(20));
+    const std::vector<int> ids = random_ids(rng, B * T, c.vocab_size);
+    // The teacher: the same model with every layer softmax.
+    using Student = decltype(student);
+    Student::Activations teacher;
+    student.forward({ids, B, T}, teacher,
+                    std::vector<Student::MixerWeights>(std::size_t(c.n_layers), Student::MixerWeights{1, 0, 0}));
+    const auto loss = [&] {
+      Student::Activations act;
+      student.forward({ids, B, T}, act);
+      return model::kl_loss<double>(student.weights().head().view(), teacher.hidden.view(), act.hidden.view()).mean();
+    };
+    Student::Activations act;
+    student.forward({ids, B, T}, act);
+    Tensor<double> dh(act.hidden.shape(), 0.0);
+    model::kl_loss<double>(student.weights().head().view(), teacher.hidden.view(), act.hidden.view(), dh.view());
+    std::vector<Tensor<double>> dx;
+    auto grads = student.backward(act, dh.view(), false, &dx);
+    CAPTURE(trial);
+    for (int l = 0; l < c.n_layers; ++l) {
+      auto& mixer = student.mixers()[std::size_t(l)];
+      Tensor<double> logits(Shape{3}), dlogits(Shape{3});
+      for (int i = 0; i < 3; ++i) logits(i) = mixer.logits()[std::size_t(i)], dlogits(i) = grads[std::size_t(l)].logits[std::size_t(i)];
+      CHECK(test::finite_difference_error(logits.view(), dlogits.view(), [&] {
+              mixer.set_logits({logits(0), logits(1), logits(2)});
+              return loss();
+            }, rng) <= 1e-6);
+      mixer.set_logits({logits(0), logits(1), logits(2)});
+      std::get<2>(mixer.params()).for_each([&](const char* name, Tensor<double>& p) {
+        Tensor<double>* g = nullptr;
+        std::get<2>(grads[std::size_t(l)].params).for_each([&](const char* n, Tensor<double>& t) {
+          if (std::string_view(n) == name) g = &t;
+        });
+        INFO("gla ", name);
+        CHECK(test::finite_difference_error(p.view(), g->view(), loss, rng, 16) <= 1e-6);
+      });
+    }
+    // dL/dx₀ through the embedding rows: perturbing E[v] moves x₀ at every position holding v.
+    auto& embedding = const_cast<Tensor<double>&>(student.weights().embedding);
+    Tensor<double> d_embedding(embedding.shape(), 0.0);
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      for (index_t j = 0; j < c.d_model; ++j) d_embedding(index_t(ids[i]), j) += dx[0].data()[index_t(i) * c.d_model + j];
+    CHECK(test::finite_difference_error(embedding.view(), d_embedding.view(), loss, rng, 40) <= 1e-6);
+  }
+}
