@@ -2,7 +2,7 @@
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
-install(TARGETS dash EXPORT dashTargets)
+install(TARGETS dash dash_io EXPORT dashTargets)
 install(DIRECTORY include/dash DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(EXPORT dashTargets NAMESPACE dash:: DESTINATION ${CMAKE_INSTALL_DATADIR}/cmake/dash)
 
