@@ -49,7 +49,13 @@ inline Tokenizer tokenizer_from_gguf(const gguf::File& file) {
     for (std::int64_t t : file.integers("tokenizer.ggml.token_type")) spec.token_types.push_back(std::int32_t(t));
   }
   spec.pre = file.has("tokenizer.ggml.pre") ? file.string("tokenizer.ggml.pre") : "gpt2";
-  const auto id = [&](const char* key) { return file.has(key) ? int(file.integer(key)) : -1; };
+  const auto id = [&](const char* key) {
+    if (!file.has(key)) return -1;
+    const std::int64_t v = file.integer(key);
+    require(v >= 0 && v < std::int64_t(spec.tokens.size()), file.name(), ": ", key, ": ", v,
+            " is not a token id, expected 0..", spec.tokens.size() - 1);
+    return int(v);
+  };
   spec.bos = id("tokenizer.ggml.bos_token_id");
   spec.eos = id("tokenizer.ggml.eos_token_id");
   spec.unk = id("tokenizer.ggml.unknown_token_id");
@@ -60,7 +66,7 @@ inline Tokenizer tokenizer_from_gguf(const gguf::File& file) {
 struct LoadedModel {
   Checkpoint checkpoint;
   std::optional<Tokenizer> tokenizer;
-  bool add_bos = false;  // whether text is encoded with a leading BOS, as the model was trained
+  bool add_bos = false;  // whether text is encoded with a leading BOS, as the tokenizer says the model was trained
 };
 
 // `tokenizer_path` is required for llama2.c models and overrides the bundled one otherwise.
@@ -71,10 +77,7 @@ inline LoadedModel load_model(const std::filesystem::path& path,
     case Format::gguf: {
       const gguf::File file = gguf::File::open(path);
       out.checkpoint = read_gguf(file);
-      if (!tokenizer_path) {
-        out.tokenizer = tokenizer_from_gguf(file);
-        out.add_bos = file.has("tokenizer.ggml.add_bos_token") && file.boolean("tokenizer.ggml.add_bos_token");
-      }
+      if (!tokenizer_path) out.tokenizer = tokenizer_from_gguf(file);
       break;
     }
     case Format::safetensors: {
@@ -92,13 +95,10 @@ inline LoadedModel load_model(const std::filesystem::path& path,
   }
   if (tokenizer_path) {
     const auto& p = *tokenizer_path;
-    if (p.extension() == ".json") {
-      out.tokenizer = Tokenizer::from_tokenizer_json(p);
-    } else {
-      out.tokenizer = Tokenizer::llama2c(p, out.checkpoint.config.vocab_size);
-      out.add_bos = true;  // llama2.c models were trained on BOS-prefixed stories
-    }
+    out.tokenizer = p.extension() == ".json" ? Tokenizer::from_tokenizer_json(p)
+                                             : Tokenizer::llama2c(p, out.checkpoint.config.vocab_size);
   }
+  if (out.tokenizer) out.add_bos = out.tokenizer->add_bos();
   if (out.tokenizer)
     require(out.tokenizer->vocab_size() <= out.checkpoint.config.vocab_size, path.string(), ": the tokenizer has ",
             out.tokenizer->vocab_size(), " tokens, more than the model's vocabulary of ",
