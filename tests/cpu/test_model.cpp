@@ -78,7 +78,7 @@ TEST_CASE("the decoder's logits equal a plain-loop Llama (GQA, both RoPE styles,
 
 TEST_CASE("NLL and KL equal their definitions; KL(p ‖ p) = 0") {
   Rng rng = test::rng_for("losses");
-  const index_t V = 37, d = 6, n = 1 + index_t(rng.below(30));
+  const index_t V = 37, d = 6, n = 2 + index_t(rng.below(30));  // position 0 is not counted: n − 1 ≥ 1
   const Tensor<double> head = test::random_tensor<double>(Shape{V, d}, rng);
   const Tensor<double> ht = test::random_tensor<double>(Shape{1, n, d}, rng);
   const Tensor<double> hs = test::random_tensor<double>(Shape{1, n, d}, rng);
