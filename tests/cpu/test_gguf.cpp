@@ -15,6 +15,8 @@
 #include <vector>
 
 #include "dash/io/gguf.hpp"
+#include "support/errors.hpp"
+#include "support/models.hpp"
 #include "support/compare.hpp"
 #include "support/gguf_writer.hpp"
 #include "support/random.hpp"
@@ -25,6 +27,9 @@ namespace tw = dash::test::gguf;
 using gguf::TensorType;
 using gguf::ValueType;
 
+using test::contains;
+using test::error_of;
+
 namespace {
 
 std::vector<float> random_values(std::size_t n, Rng& rng, double stddev = 1.0) {
@@ -32,17 +37,6 @@ std::vector<float> random_values(std::size_t n, Rng& rng, double stddev = 1.0) {
   for (float& x : v) x = float(stddev * rng.normal());
   return v;
 }
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& s, std::string_view part) { return s.find(part) != std::string::npos; }
 
 // Parsing `bytes` must fail with a dash::Error naming the file and every one of `parts`.
 void check_refused(const std::vector<std::byte>& bytes, const std::string& file,
@@ -216,17 +210,6 @@ void check_config(const model::Config& got, const model::Config& c) {
 
 std::string model_error(const tw::Writer& w, const std::string& file) {
   return error_of([&] { io::read_gguf(gguf::File::parse(w.bytes(), file)); });
-}
-
-// The repository's root: from DASH_SOURCE_DIR as ctest sets it, else from this file's path.
-std::filesystem::path source_dir() {
-  const char* dir = std::getenv("DASH_SOURCE_DIR");
-  return dir ? std::filesystem::path(dir) : std::filesystem::path(__FILE__).parent_path().parent_path().parent_path();
-}
-
-std::filesystem::path fixtures() {
-  const char* dir = std::getenv("DASH_FIXTURES");
-  return dir ? std::filesystem::path(dir) : source_dir() / "tests" / "fixtures";
 }
 
 nlohmann::json read_json(const std::filesystem::path& p) {
@@ -781,8 +764,8 @@ TEST_CASE("gguf: File::open reads a file and names a missing one") {
 TEST_CASE("gguf: tiny models written by the gguf Python package match its dequantisation") {
   for (const std::string arch : {"llama", "qwen2"}) {
     INFO(arch);
-    const auto path = fixtures() / "gguf" / ("tiny_" + arch + ".gguf");
-    const nlohmann::json reference = read_json(fixtures() / "gguf" / ("tiny_" + arch + ".json"));
+    const auto path = test::fixtures() / "gguf" / ("tiny_" + arch + ".gguf");
+    const nlohmann::json reference = read_json(test::fixtures() / "gguf" / ("tiny_" + arch + ".json"));
     io::Checkpoint ck = io::read_gguf(path);
     const auto& rc = reference["config"];
     CHECK(ck.config.architecture == rc["architecture"].get<std::string>());
@@ -807,7 +790,7 @@ TEST_CASE("gguf: tiny models written by the gguf Python package match its dequan
 
 TEST_CASE("gguf: the malformed seed fixtures are refused") {
   for (const char* name : {"bad_magic.gguf", "truncated.gguf", "huge_kv_count.gguf"}) {
-    const std::string path = (fixtures() / "gguf" / name).string();
+    const std::string path = (test::fixtures() / "gguf" / name).string();
     const std::string message = error_of([&] { gguf::File::open(path); });
     INFO(message);
     CHECK(contains(message, path));
@@ -815,11 +798,12 @@ TEST_CASE("gguf: the malformed seed fixtures are refused") {
 }
 
 TEST_CASE("gguf: SmolLM2-135M-Instruct Q4_1 reads as its published configuration") {
-  const std::filesystem::path path = source_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf";
-  if (!std::filesystem::exists(path)) {
-    MESSAGE("SmolLM2 GGUF not found at ", path.string(), ": skipping its checks");
+  const auto found = test::smollm2_gguf();
+  if (!found) {
+    MESSAGE("SmolLM2 GGUF not installed (bash cmake/setup.sh installs it): skipping its checks");
     return;
   }
+  const std::filesystem::path path = *found;
   const gguf::File file = gguf::File::open(path);
   io::Checkpoint ck = io::read_gguf(file);
   const model::Config& c = ck.config;
@@ -842,5 +826,5 @@ TEST_CASE("gguf: SmolLM2-135M-Instruct Q4_1 reads as its published configuration
         int(file.tensors().size()));
   CHECK(file.strings("tokenizer.ggml.tokens").size() == std::size_t(c.vocab_size));
   CHECK(file.string("tokenizer.ggml.pre") == "smollm");
-  check_reference_tensors(ck.weights, read_json(fixtures() / "gguf" / "smollm2_reference.json"));
+  check_reference_tensors(ck.weights, read_json(test::fixtures() / "gguf" / "smollm2_reference.json"));
 }

@@ -11,24 +11,17 @@
 #include <vector>
 
 #include "dash/io/llama2c.hpp"
+#include "support/errors.hpp"
+#include "support/models.hpp"
 #include "support/random.hpp"
 
 using namespace dash;
 namespace fs = std::filesystem;
 
+using test::contains;
+using test::error_of;
+
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL_CHECK("expected a dash::Error, none was thrown");
-  return {};
-}
-
-bool contains(const std::string& text, std::string_view part) { return text.find(part) != std::string::npos; }
 
 // `count` float32 values at byte `offset` of the file, read with nothing but an ifstream.
 std::vector<float> raw_floats(const fs::path& path, std::streamoff offset, std::size_t count) {
@@ -136,9 +129,7 @@ bool is_slice(const Tensor<float>& t, const Llama2c& m, const std::string& name,
 }  // namespace
 
 TEST_CASE("llama2c: stories260K loads with its published shape, and its arrays where the file has them") {
-  const char* fixtures = std::getenv("DASH_FIXTURES");
-  REQUIRE(fixtures != nullptr);
-  const fs::path path = fs::path(fixtures) / "stories260K" / "stories260K.bin";
+  const fs::path path = test::fixtures() / "stories260K" / "stories260K.bin";
   const io::Checkpoint ck = io::read_llama2c(path);
   const model::Config& c = ck.config;
   CHECK(ck.format == "llama2c");

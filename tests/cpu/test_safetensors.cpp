@@ -15,12 +15,17 @@
 
 #include "dash/io/hf_config.hpp"
 #include "dash/io/safetensors.hpp"
+#include "support/errors.hpp"
+#include "support/models.hpp"
 #include "support/random.hpp"
 #include "support/safetensors_writer.hpp"
 
 using namespace dash;
 namespace fs = std::filesystem;
 namespace st = dash::io::safetensors;
+
+using test::contains;
+using test::error_of;
 
 namespace {
 
@@ -36,19 +41,6 @@ struct TempDir {
     fs::remove_all(path, ignored);
   }
 };
-
-// The message of the dash::Error that f throws; a test failure when it throws none.
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL_CHECK("expected a dash::Error, none was thrown");
-  return {};
-}
-
-bool contains(const std::string& text, std::string_view part) { return text.find(part) != std::string::npos; }
 
 bool same_bits(float a, float b) { return std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b); }
 
@@ -179,9 +171,7 @@ TEST_CASE("safetensors: F32, F16 and BF16 tensors read back as the values writte
 TEST_CASE("safetensors: a file written by the reference implementation reads as its generator says") {
   // tests/fixtures/safetensors/reference.safetensors, from scripts/safetensors_fuzz_seeds.py:
   // written by Hugging Face's own safetensors package; element i of each tensor is i - 3.
-  const char* fixtures = std::getenv("DASH_FIXTURES");
-  REQUIRE(fixtures != nullptr);
-  const st::File file = st::File::open(fs::path(fixtures) / "safetensors" / "reference.safetensors");
+  const st::File file = st::File::open(test::fixtures() / "safetensors" / "reference.safetensors");
   CHECK(file.metadata().at("generator") == "safetensors (Python)");
   for (const char* name : {"f32", "f16", "bf16"}) {
     const Tensor<float> t = file.read(name);

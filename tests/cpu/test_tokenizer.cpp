@@ -18,6 +18,7 @@
 
 #include "dash/io/load.hpp"
 #include "dash/io/tokenizer.hpp"
+#include "support/errors.hpp"
 #include "support/models.hpp"
 #include "support/random.hpp"
 
@@ -26,19 +27,10 @@ using io::Tokenizer;
 using Json = nlohmann::json;
 namespace fs = std::filesystem;
 
+using test::contains;
+using test::error_of;
+
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL_CHECK("expected a dash::Error, none was thrown");
-  return {};
-}
-
-bool contains(const std::string& text, std::string_view part) { return text.find(part) != std::string::npos; }
 
 fs::path tokenizer_fixtures() { return test::fixtures() / "tokenizer"; }
 
