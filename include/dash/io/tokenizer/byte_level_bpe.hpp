@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <climits>
+#include <optional>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -21,6 +22,7 @@
 #include "dash/core/error.hpp"
 #include "dash/io/tokenizer/byte_alphabet.hpp"
 #include "dash/io/tokenizer/literal_tokens.hpp"
+#include "dash/io/tokenizer/pair_merge.hpp"
 #include "dash/io/tokenizer/pretokenizer.hpp"
 
 namespace dash::io {
@@ -158,21 +160,10 @@ class ByteLevelBpe {
     int rank;
     int id;
   };
-  // A symbol of the piece being merged: a token id in a doubly linked list (-1 ends it; a symbol
-  // merged into its left neighbour gets id -1).
-  struct Symbol {
-    int id, prev, next;
-  };
-  // A merge that may apply: symbols `left` and its successor held ids `left_id`, `right_id`
-  // when it was found; it is stale when they no longer do.
-  struct Candidate {
-    int rank, left, left_id, right_id, merged;
-  };
   // Per-call state: the words seen so far in this text, and buffers for merging.
   struct Scratch {
     std::unordered_map<std::string, std::vector<int>> words;
-    std::vector<Symbol> symbols;
-    std::vector<Candidate> heap;
+    PairMergeBuffers buffers;
   };
 
   static std::uint64_t pair_key(int a, int b) { return std::uint64_t(std::uint32_t(a)) << 32 | std::uint32_t(b); }
@@ -189,48 +180,22 @@ class ByteLevelBpe {
       for (char c : piece) symbols += ByteAlphabet::instance().symbol(static_cast<unsigned char>(c));
       if (const auto it = id_of_.find(symbols); it != id_of_.end()) return {it->second};
     }
-    std::vector<Symbol>& s = scratch.symbols;
-    std::vector<Candidate>& heap = scratch.heap;
-    s.clear();
-    heap.clear();
+    std::vector<int> ids;
     bool unknown_run = false;
     for (char c : piece) {
       const int id = byte_token_[static_cast<unsigned char>(c)];
       if (id < 0 && (byte_unk_ < 0 || (fuse_unk_ && unknown_run))) continue;
       unknown_run = id < 0;
-      s.push_back({id < 0 ? byte_unk_ : id, int(s.size()) - 1, int(s.size()) + 1});
+      ids.push_back(id < 0 ? byte_unk_ : id);
     }
-    const int n = int(s.size());
-    if (n > 0) s.back().next = -1;
-    // A min-heap on (rank, position): the best merge first, the leftmost of equal ones first.
-    const auto later = [](const Candidate& x, const Candidate& y) {
-      return x.rank != y.rank ? x.rank > y.rank : x.left > y.left;
-    };
-    const auto consider = [&](int left) {
-      if (left < 0 || s[left].next < 0) return;
-      const int right = s[left].next;
-      const auto it = merges_.find(pair_key(s[left].id, s[right].id));
-      if (it == merges_.end()) return;
-      heap.push_back({it->second.rank, left, s[left].id, s[right].id, it->second.id});
-      std::push_heap(heap.begin(), heap.end(), later);
-    };
-    for (int i = 0; i + 1 < n; ++i) consider(i);
-    while (!heap.empty()) {
-      std::pop_heap(heap.begin(), heap.end(), later);
-      const Candidate c = heap.back();
-      heap.pop_back();
-      Symbol& left = s[c.left];
-      if (left.id != c.left_id || left.next < 0 || s[left.next].id != c.right_id) continue;
-      Symbol& right = s[left.next];
-      left.id = c.merged;
-      left.next = right.next;
-      if (right.next >= 0) s[right.next].prev = c.left;
-      right.id = -1;
-      consider(left.prev);
-      consider(c.left);
-    }
-    std::vector<int> ids;
-    for (int i = n > 0 ? 0 : -1; i >= 0; i = s[i].next) ids.push_back(s[i].id);
+    merge_pairs(
+        ids,
+        [&](int left, int right) -> std::optional<PairMerge> {
+          const auto it = merges_.find(pair_key(left, right));
+          if (it == merges_.end()) return std::nullopt;
+          return PairMerge{double(it->second.rank), it->second.id};
+        },
+        scratch.buffers);
     return ids;
   }
 

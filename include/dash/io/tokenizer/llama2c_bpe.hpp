@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -25,6 +26,7 @@
 
 #include "dash/core/error.hpp"
 #include "dash/io/detail/bytes.hpp"
+#include "dash/io/tokenizer/pair_merge.hpp"
 
 namespace dash::io::detail {
 
@@ -112,14 +114,6 @@ class Llama2cBpe {
   const std::string& source() const { return source_; }
 
  private:
-  struct Symbol {
-    int id, prev, next;
-  };
-  struct Candidate {
-    float score;
-    int left, left_id, right_id, merged;
-  };
-
   static bool is_continuation(char c) { return (static_cast<unsigned char>(c) & 0xC0) == 0x80; }
 
   static int hex_digit(char c) {
@@ -136,45 +130,21 @@ class Llama2cBpe {
     return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
   }
 
+  // Merges by best score, leftmost among equals: run.c's scan order.
   void merge(std::vector<int>& ids) const {
-    const int n = int(ids.size());
-    if (n == 0) return;
-    std::vector<Symbol> s(n);
-    for (int i = 0; i < n; ++i) s[i] = {ids[i], i - 1, i + 1 < n ? i + 1 : -1};
-    std::vector<Candidate> heap;
-    // A max-heap on score, the leftmost first among equal scores: run.c's scan order.
-    const auto worse = [](const Candidate& x, const Candidate& y) {
-      return x.score != y.score ? x.score < y.score : x.left > y.left;
-    };
+    PairMergeBuffers buffers;
     std::string pair;
-    const auto consider = [&](int left) {
-      if (left < 0 || s[left].next < 0) return;
-      const int right = s[left].next;
-      pair.assign(tokens_[s[left].id]).append(tokens_[s[right].id]);
-      const auto it = ids_.find(pair);
-      if (it == ids_.end()) return;
-      const float score = scores_[it->second];
-      if (!(score > -1e10f)) return;  // run.c's starting best score; NaN never wins either
-      heap.push_back({score, left, s[left].id, s[right].id, it->second});
-      std::push_heap(heap.begin(), heap.end(), worse);
-    };
-    for (int i = 0; i + 1 < n; ++i) consider(i);
-    while (!heap.empty()) {
-      std::pop_heap(heap.begin(), heap.end(), worse);
-      const Candidate c = heap.back();
-      heap.pop_back();
-      Symbol& left = s[c.left];
-      if (left.id != c.left_id || left.next < 0 || s[left.next].id != c.right_id) continue;  // stale
-      Symbol& right = s[left.next];
-      left.id = c.merged;
-      left.next = right.next;
-      if (right.next >= 0) s[right.next].prev = c.left;
-      right.id = -1;
-      consider(left.prev);
-      consider(c.left);
-    }
-    ids.clear();
-    for (int i = 0; i >= 0; i = s[i].next) ids.push_back(s[i].id);
+    merge_pairs(
+        ids,
+        [&](int left, int right) -> std::optional<PairMerge> {
+          pair.assign(tokens_[std::size_t(left)]).append(tokens_[std::size_t(right)]);
+          const auto it = ids_.find(pair);
+          if (it == ids_.end()) return std::nullopt;
+          const float score = scores_[std::size_t(it->second)];
+          if (!(score > -1e10f)) return std::nullopt;  // run.c's starting best score; NaN never wins either
+          return PairMerge{-double(score), it->second};
+        },
+        buffers);
   }
 
   std::string source_;
