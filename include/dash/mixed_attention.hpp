@@ -61,6 +61,7 @@ class BasicMixedAttention {
   static constexpr std::size_t n_ops = sizeof...(Ops);
   static constexpr bool has_shared_ops = (shares_teacher_projections_v<Ops> || ...);
   using Weights = std::array<T, n_ops>;
+  using OpMask = std::array<bool, n_ops>;  // which operators a forward runs
   using Params = std::tuple<op_params_t<Ops, T>...>;
 
   // What forward keeps for backward.
@@ -128,18 +129,35 @@ class BasicMixedAttention {
 
   // y = Σ π_i·o_i(h) with π = softmax(α/τ).
   void forward(TensorView<const T> h, TensorView<T> y, Cache& cache) const {
-    run_forward(h, y, cache, weights(), /*from_logits=*/true, /*skip_zero=*/false);
+    run_forward(h, y, cache, weights(), /*from_logits=*/true, all_ops());
   }
 
   // y = Σ π_i·o_i(h) with weights given by the caller (a Gumbel or straight-through sample, a
-  // one-hot architecture). With skip_zero_weights, operators whose weight is exactly 0 are not
-  // run; their dL/dπ is then reported as 0 (dL/dα is unaffected: it carries a factor π_i).
+  // one-hot architecture). Only the operators in `run` are computed; one left out must have
+  // weight 0, and its dL/dπ is then reported as 0 (dL/dα is unaffected: it carries a factor π_i).
+  // A straight-through forward runs every candidate with one-hot weights, so that dL/dπ exists
+  // for all of them.
   void forward(TensorView<const T> h, TensorView<T> y, Cache& cache, const Weights& weights,
-               bool skip_zero_weights = false) const {
-    for (std::size_t i = 0; i < n_ops; ++i)
+               const OpMask& run = all_ops()) const {
+    for (std::size_t i = 0; i < n_ops; ++i) {
       require(std::isfinite(double(weights[i])), "MixedAttention::forward: weight ", i, " (", op_names()[i],
               ") is ", double(weights[i]), ", expected a finite value");
-    run_forward(h, y, cache, weights, /*from_logits=*/false, skip_zero_weights);
+      require(run[i] || weights[i] == T(0), "MixedAttention::forward: operator ", i, " (", op_names()[i],
+              ") has weight ", double(weights[i]), " but is not run; expected weight 0 for an operator left out");
+    }
+    run_forward(h, y, cache, weights, /*from_logits=*/false, run);
+  }
+
+  static constexpr OpMask all_ops() {
+    OpMask m{};
+    m.fill(true);
+    return m;
+  }
+  // The operators of non-zero weight: what a discrete architecture needs to run.
+  static OpMask nonzero(const Weights& weights) {
+    OpMask m{};
+    for (std::size_t i = 0; i < n_ops; ++i) m[i] = weights[i] != T(0);
+    return m;
   }
 
   // Gradients with every tensor zero and shaped like the parameters; `with_teacher` adds the
@@ -254,7 +272,7 @@ class BasicMixedAttention {
   }
 
   void run_forward(TensorView<const T> h, TensorView<T> y, Cache& cache, const Weights& pi, bool from_logits,
-                   bool skip_zero) const {
+                   const OpMask& run) const {
     require_host(h, "MixedAttention::forward: h");
     require_rank(h, 3, "MixedAttention::forward: h");
     require(h.dim(1) >= 1, "MixedAttention::forward: h has an empty sequence (T = 0), expected T >= 1");
@@ -266,7 +284,7 @@ class BasicMixedAttention {
 
     cache.weights = pi;
     cache.weights_from_logits = from_logits;
-    for (std::size_t i = 0; i < n_ops; ++i) cache.computed[i] = !(skip_zero && pi[i] == T(0));
+    cache.computed = run;
 
     std::fill_n(y.data, y.numel(), T(0));
     if (any_shared_computed(cache)) {

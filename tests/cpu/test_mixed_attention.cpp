@@ -187,7 +187,7 @@ TEST_CASE("A one-hot mixture equals that operator alone, forward and backward") 
       AllOps::Cache cache;
       Tensor<double> y(h.shape()), dh(h.shape(), 0.0);
       test::poison(y.view());
-      layer.forward(h.view(), y.view(), cache, one_hot, skip);
+      layer.forward(h.view(), y.view(), cache, one_hot, skip ? AllOps::nonzero(one_hot) : AllOps::all_ops());
       auto grads = layer.zero_gradients();
       layer.backward(h.view(), cache, dy.view(), dh.view(), grads);
       CHECK(test::relative_difference(y, y_alone) <= 1e-10);
@@ -205,8 +205,8 @@ TEST_CASE("Skipping zero-weight operators changes neither the output nor dL/dα"
   const AllOps::Weights pi{0.25, 0.0, 0.75, 0.0};
   Tensor<double> y_all(h.shape()), y_skip(h.shape()), dh_all(h.shape(), 0.0), dh_skip(h.shape(), 0.0);
   AllOps::Cache all, skip;
-  layer.forward(h.view(), y_all.view(), all, pi, false);
-  layer.forward(h.view(), y_skip.view(), skip, pi, true);
+  layer.forward(h.view(), y_all.view(), all, pi);
+  layer.forward(h.view(), y_skip.view(), skip, pi, AllOps::nonzero(pi));
   CHECK(test::relative_difference(y_skip, y_all) <= 1e-13);
   auto g_all = layer.zero_gradients(), g_skip = layer.zero_gradients();
   layer.backward(h.view(), all, dy.view(), dh_all.view(), g_all);
@@ -214,6 +214,9 @@ TEST_CASE("Skipping zero-weight operators changes neither the output nor dL/dα"
   CHECK(test::relative_difference(dh_skip, dh_all) <= 1e-13);
   CHECK(g_skip.weights[1] == 0.0);
   CHECK(g_all.weights[1] != 0.0);
+  AllOps::OpMask without_first = AllOps::all_ops();
+  without_first[0] = false;  // weight 0.25: leaving it out would silently change y
+  CHECK_THROWS_AS(layer.forward(h.view(), y_skip.view(), skip, pi, without_first), Error);
 }
 
 TEST_CASE("float32 layer agrees with the float64 layer") {

@@ -45,6 +45,28 @@ class Decoder {
  public:
   using MixerWeights = typename Mixer::Weights;
   using MixerGradients = typename Mixer::Gradients;
+  using OpMask = typename Mixer::OpMask;
+
+  // Per-layer mixing given by the caller instead of softmax(α/τ): layer l mixes with weights[l]
+  // and runs the operators in run[l] (one left out must have weight 0).
+  struct Architecture {
+    std::vector<MixerWeights> weights;
+    std::vector<OpMask> run;
+
+    // One operator per layer, the others not run: a discrete hybrid.
+    static Architecture discrete(const std::vector<int>& ops) {
+      Architecture a;
+      for (std::size_t l = 0; l < ops.size(); ++l) {
+        require(ops[l] >= 0 && std::size_t(ops[l]) < Mixer::n_ops, "Decoder::Architecture: layer ", l,
+                " chooses operator ", ops[l], ", expected 0 … ", Mixer::n_ops - 1);
+        MixerWeights w{};
+        w[std::size_t(ops[l])] = 1;
+        a.weights.push_back(w);
+        a.run.push_back(Mixer::nonzero(w));
+      }
+      return a;
+    }
+  };
   // Builds layer l's mixer from the teacher's attention weights of that layer.
   using MixerFactory = std::function<Mixer(int layer, const AttentionShape&, AttentionWeights<T>)>;
 
@@ -52,7 +74,7 @@ class Decoder {
   struct Activations {
     std::vector<Tensor<T>> layer_inputs;  // x_l, [B, T, d] each, l = 0 … L (x_L feeds the final norm)
     Tensor<T> hidden;                     // h = RMSNorm(x_L), [B, T, d]
-    std::optional<std::vector<MixerWeights>> architecture;  // per-layer weights the forward used, if given
+    std::optional<Architecture> architecture;  // the per-layer mixing the forward used, if given
   };
 
   // The mixers take the attention projections; the rest of `weights` stays here.
@@ -71,14 +93,14 @@ class Decoder {
   const std::vector<Mixer>& mixers() const { return mixers_; }
   int n_layers() const { return config_.n_layers; }
 
-  // Runs the decoder to the final hidden states. With `architecture`, layer l mixes with the
-  // given weights (one-hot for a discrete architecture, skipping operators of weight 0) instead
-  // of softmax(α/τ).
-  void forward(const TokenBatch& tokens, Activations& act,
-               std::optional<std::vector<MixerWeights>> architecture = std::nullopt) const {
+  // Runs the decoder to the final hidden states, each layer mixing with softmax(α/τ) or, when
+  // given, with `architecture`.
+  void forward(const TokenBatch& tokens, Activations& act, std::optional<Architecture> architecture = std::nullopt) const {
     tokens.validate(config_.vocab_size);
-    require(!architecture || int(architecture->size()) == n_layers(), "Decoder::forward: architecture has ",
-            architecture ? architecture->size() : 0, " layers, the model ", n_layers());
+    require(!architecture || (int(architecture->weights.size()) == n_layers() &&
+                              architecture->run.size() == architecture->weights.size()),
+            "Decoder::forward: architecture has ", architecture ? architecture->weights.size() : 0, " weights and ",
+            architecture ? architecture->run.size() : 0, " run masks, the model ", n_layers(), " layers");
     const index_t d = config_.d_model;
     const Shape shape{tokens.batch, tokens.length, d};
     act.architecture = std::move(architecture);
@@ -159,7 +181,7 @@ class Decoder {
                  typename Mixer::Cache& cache) const {
     const Mixer& mixer = mixers_[std::size_t(l)];
     if (act.architecture)
-      mixer.forward(n1, y, cache, (*act.architecture)[std::size_t(l)], /*skip_zero_weights=*/true);
+      mixer.forward(n1, y, cache, act.architecture->weights[std::size_t(l)], act.architecture->run[std::size_t(l)]);
     else
       mixer.forward(n1, y, cache);
   }
