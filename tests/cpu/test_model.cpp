@@ -12,45 +12,12 @@
 #include "reference/llama_loops.hpp"
 #include "support/compare.hpp"
 #include "support/random.hpp"
+#include "support/random_model.hpp"
 
 using namespace dash;
-
-namespace {
-
-model::Config random_config(Rng& rng) {
-  model::Config c;
-  c.n_layers = 1 + int(rng.below(3));
-  c.n_kv_heads = 1 + int(rng.below(2));
-  c.n_heads = c.n_kv_heads * (1 + int(rng.below(2)));
-  c.d_head = 4;
-  c.d_model = 8 + 4 * int(rng.below(2));
-  c.d_ff = 12 + int(rng.below(5));
-  c.vocab_size = 11 + int(rng.below(20));
-  c.context_length = 256;
-  c.rms_eps = 1e-5;
-  c.rope = {rng.below(2) ? RopeConfig::Style::half : RopeConfig::Style::interleaved, 100.0};
-  c.qkv_bias = rng.below(2) == 1;
-  c.tied_embeddings = rng.below(2) == 1;
-  return c;
-}
-
-std::vector<int> random_ids(Rng& rng, index_t n, int vocab) {
-  std::vector<int> ids(static_cast<std::size_t>(n));
-  for (int& t : ids) t = int(rng.below(std::uint64_t(vocab)));
-  return ids;
-}
-
-template <class T, class... Ops>
-using MixedDecoder = model::Decoder<T, BasicMixedAttention<T, Ops...>>;
-
-template <class T, class... Ops>
-MixedDecoder<T, Ops...> make_decoder(const model::Config& c, model::Weights<T> w, Rng& rng, Ops... ops) {
-  return MixedDecoder<T, Ops...>(c, std::move(w), [&](int, const AttentionShape& s, AttentionWeights<T> a) {
-    return BasicMixedAttention<T, Ops...>(s, std::move(a), rng, ops...);
-  });
-}
-
-}  // namespace
+using test::make_decoder;
+using test::random_config;
+using test::random_ids;
 
 TEST_CASE("the decoder's logits equal a plain-loop Llama (GQA, both RoPE styles, bias, tied and separate heads)") {
   Rng rng = test::rng_for("decoder logits");
@@ -142,8 +109,7 @@ TEST_CASE("decoder backward: KL gradients to the mixers' logits, their parameter
     // The teacher: the same model with every layer softmax.
     using Student = decltype(student);
     Student::Activations teacher;
-    student.forward({ids, B, T}, teacher,
-                    std::vector<Student::MixerWeights>(std::size_t(c.n_layers), Student::MixerWeights{1, 0, 0}));
+    student.forward({ids, B, T}, teacher, Student::Architecture::discrete(std::vector<int>(std::size_t(c.n_layers), 0)));
     const auto loss = [&] {
       Student::Activations act;
       student.forward({ids, B, T}, act);

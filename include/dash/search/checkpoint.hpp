@@ -4,7 +4,7 @@
 // checkpoint is only resumed by a run with the same signature.
 //
 // Layout, little-endian: "DASHSRCH" u32 version · u64 n · signature (u64 length + bytes) ·
-// i64 step · i64 adam_t · f64 lambda · f64 kl_scale · f64 logits[n] · f64 adam_m[n] · f64 adam_v[n]
+// i64 step · i64 adam_t · f64 logits[n] · f64 adam_m[n] · f64 adam_v[n]
 #pragma once
 
 #include <cstdint>
@@ -38,7 +38,7 @@ inline void save_checkpoint(const std::filesystem::path& path, const SearchState
     put(std::uint64_t(s.logits.size()));
     put(std::uint64_t(signature.size()));
     out.write(signature.data(), std::streamsize(signature.size()));
-    put(std::int64_t(s.step)), put(std::int64_t(s.adam_t)), put(s.lambda), put(s.kl_scale);
+    put(std::int64_t(s.step)), put(std::int64_t(s.adam_t));
     put_doubles(s.logits), put_doubles(s.adam_m), put_doubles(s.adam_v);
     out.flush();
     if (!out) {
@@ -79,7 +79,7 @@ inline SearchState load_checkpoint(const std::filesystem::path& path, const std:
           "); this run is (", signature, "). Remove it or run without --resume");
   SearchState s;
   std::int64_t step = 0, adam_t = 0;
-  get(step, "step"), get(adam_t, "adam_t"), get(s.lambda, "lambda"), get(s.kl_scale, "kl_scale");
+  get(step, "step"), get(adam_t, "adam_t");
   s.step = step, s.adam_t = adam_t;
   for (auto* v : {&s.logits, &s.adam_m, &s.adam_v}) {
     v->resize(std::size_t(n));
