@@ -37,12 +37,15 @@ inline std::vector<float> last_logits(const Teacher& teacher, const std::vector<
   return z;
 }
 
-// A progress line on stderr, rewritten in place: done/total, rate, ETA.
+// A progress line on stderr, rewritten in place: done/total, rate, ETA; at most four times a
+// second, and always at the end.
 class Progress {
  public:
   Progress(std::string what, double total) : what_(std::move(what)), total_(total) {}
   void update(double done, const std::string& extra = {}) {
     const double seconds = elapsed();
+    if (done < total_ && seconds - shown_ < 0.25) return;
+    shown_ = seconds;
     const double rate = seconds > 0 ? done / seconds : 0;
     const double eta = rate > 0 ? (total_ - done) / rate : 0;
     std::fprintf(stderr, "\r%s %.0f/%.0f  %.0f tok/s  ETA %.0fs  %s   ", what_.c_str(), done, total_, rate, eta,
@@ -57,6 +60,7 @@ class Progress {
  private:
   std::string what_;
   double total_;
+  double shown_ = -1;
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
 

@@ -4,6 +4,12 @@
 //   error_l,o = Σ ||A_l(h_l) − o(h_l)||² / Σ ||A_l(h_l)||²      over the tokens of a batch
 // Layers are independent (teacher forcing), so one teacher forward feeds every layer's
 // alignment; each (layer, candidate) has its own Adam with a cosine schedule.
+//
+// The teacher's projections leave a linear-attention candidate at the wrong scale (its state
+// sums over its memory where softmax averages: outputs tens of times too large), so the first
+// step first scales each candidate's output projection by the least-squares factor
+// s = <o, A> / <o, o> on that batch, the best a scalar can do: it brings the error to
+// 1 − cos²(o, A) ≤ 1 before any gradient step.
 #pragma once
 
 #include <cmath>
@@ -72,6 +78,7 @@ class CandidatePreparation {
       decoder_.mixer_io(l, act, h, target);
       for_each_candidate([&]<std::size_t I>() {
         Mixer& mixer = decoder_.mixers()[std::size_t(l)];
+        if (step == 0) fit_output_scale<I>(mixer, h, target);
         typename Mixer::Gradients grads = mixer.zero_gradients();
         sum += error_and_gradient<I>(mixer, h, target, &grads), ++count;
         auto& params = std::get<I>(mixer.params());
@@ -118,15 +125,36 @@ class CandidatePreparation {
     }(std::index_sequence_for<Ops...>{});
   }
 
+  template <std::size_t I>
+  static void fit_output_scale(Mixer& mixer, const Tensor<T>& h, const Tensor<T>& target) {
+    auto& params = std::get<I>(mixer.params());
+    if constexpr (requires { params.proj.wo; }) {
+      const Tensor<T> o = output<I>(mixer, h);
+      double oa = 0, oo = 0;
+      for (index_t k = 0; k < o.numel(); ++k)
+        oa += double(o.data()[k]) * double(target.data()[k]), oo += double(o.data()[k]) * double(o.data()[k]);
+      if (oo > 0 && std::isfinite(oa / oo))
+        for (index_t k = 0; k < params.proj.wo.numel(); ++k) params.proj.wo.data()[k] *= T(oa / oo);
+    }
+  }
+
+  template <std::size_t I>
+  static Tensor<T> output(const Mixer& mixer, const Tensor<T>& h, typename Mixer::Cache* cache_out = nullptr) {
+    typename Mixer::Weights w{};
+    w[I] = T(1);
+    typename Mixer::Cache local;
+    typename Mixer::Cache& cache = cache_out ? *cache_out : local;
+    Tensor<T> y(h.shape());
+    mixer.forward(h.view(), y.view(), cache, w, Mixer::nonzero(w));
+    return y;
+  }
+
   // error = Σ||o − A||² / Σ||A||², and (with grads) its gradient in grads.params.
   template <std::size_t I>
   static double error_and_gradient(const Mixer& mixer, const Tensor<T>& h, const Tensor<T>& target,
                                    typename Mixer::Gradients* grads) {
-    typename Mixer::Weights w{};
-    w[I] = T(1);
     typename Mixer::Cache cache;
-    Tensor<T> y(h.shape());
-    mixer.forward(h.view(), y.view(), cache, w, Mixer::nonzero(w));
+    const Tensor<T> y = output<I>(mixer, h, &cache);
     double num = 0, den = 0;
     for (index_t k = 0; k < y.numel(); ++k) {
       const double diff = double(y.data()[k]) - double(target.data()[k]);
