@@ -24,7 +24,7 @@ inline int run_prepare(Workspace& ws) {
   const index_t tokens = ws.args.prepare_tokens > 0 ? ws.args.prepare_tokens : ws.args.tokens;
   const index_t steps = ws.steps_for(tokens), B = ws.args.batch, T = ws.seq_len;
   search::CandidatePreparation<float, Softmax, SlidingWindow<>, GatedLinear, GatedDeltaNet> prep(
-      ws.decoder, prepare, {.steps = steps, .lr = ws.args.prepare_lr, .warmup = std::min<index_t>(5, steps / 10)});
+      ws.decoder, prepare, {.steps = steps, .lr = ws.args.prepare_lr, .warmup = steps / 10});
   const std::vector<int> validation = random_windows(ws.corpus.calibration, ws.args.seed + 17, -1, B, T);
   const search::AlignmentErrors before = prep.errors({validation, B, T});
 

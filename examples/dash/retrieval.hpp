@@ -19,6 +19,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "dash/core/error.hpp"
@@ -132,7 +133,7 @@ inline double depth_of(int i, int count) { return count == 1 ? 0.5 : double(i) /
 }  // namespace retrieval
 
 // `count` prompts, each within [0.9·context, context] tokens, the key at depths spread evenly
-// over the haystack and drawn at random from `seed`.
+// over the haystack (0 to 1; the middle for a single prompt) and drawn at random from `seed`.
 inline std::vector<RetrievalPrompt> passkey_prompts(const io::Tokenizer& tokenizer, bool add_bos, index_t context,
                                                     int count, std::uint64_t seed) {
   require(count >= 1, "count: ", count, ", expected at least 1 prompt");
@@ -193,6 +194,8 @@ inline std::vector<RetrievalPrompt> needle_prompts(const io::Tokenizer& tokenize
 // decoding reproduces the answer iff next[t-1] == ids[t] at every answer position t, so one
 // forward pass over the whole of ids decides it.
 inline bool exact_match(const RetrievalPrompt& p, std::span<const int> next) {
+  require(p.answer_begin >= 1 && p.answer_begin < index_t(p.ids.size()), "exact_match: answer_begin ", p.answer_begin,
+          ", expected 1..", index_t(p.ids.size()) - 1);
   require(next.size() + 1 >= p.ids.size(), "exact_match: ", next.size(), " predictions for a ", p.ids.size(),
           "-token prompt, expected at least ", p.ids.size() - 1);
   for (std::size_t t = std::size_t(p.answer_begin); t < p.ids.size(); ++t)

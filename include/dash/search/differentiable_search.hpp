@@ -103,6 +103,7 @@ class DifferentiableSearch {
       for (int i = 0; i < m_; ++i)
         if (allowed(l, i)) unit_cost_[index(l, i)] = costs_.cost[std::size_t(l)][std::size_t(i)] / costs_.reference;
     state_.logits.assign(std::size_t(L_ * m_), 0.0);
+    state_.adam_m = state_.adam_v = state_.logits;
     adam_ = Adam(state_.logits.size());
   }
 
