@@ -39,7 +39,7 @@ struct SearchArgs {
   bool enumerate = false;
   std::string relaxation = "softmax";
   double lr = 0.1;
-  double prepare_lr = 2e-3;
+  double prepare_lr = 1e-4;
   std::vector<index_t> retrieval_contexts;  // empty: 256, 512, 1024 within the model's context
   int retrieval_prompts = 4;
   int random_baselines = 5;
