@@ -248,3 +248,26 @@ TEST_CASE("Checkpoints refuse another run, a damaged file, and a state of anothe
   CHECK(test::contains(test::error_of([&] { search.restore(s); }), "a checkpoint of 3 logits"));
   std::filesystem::remove(path);
 }
+
+TEST_CASE("A model of one layer searches, and its read-out meets the budget") {
+  Rng rng = test::rng_for("one layer");
+  model::Config c = test::random_config(rng);
+  c.n_layers = 1;
+  auto d = test::make_decoder<float>(c, model::Weights<float>::random(c, rng), rng, Softmax{}, SlidingWindow<>(2),
+                                     GatedLinear{});
+  DecoderSearchModel<float, Softmax, SlidingWindow<>, GatedLinear> model(d);
+  std::vector<std::vector<Cost>> costs;
+  const auto layer = d.mixers()[0].costs({.shape = d.mixers()[0].shape(), .context = 64});
+  costs.emplace_back(layer.begin(), layer.end());
+  for (const double budget : {0.0, 1.0}) {
+    const CostTable table = make_cost_table(Budget{CostKind::softmax_layers, budget}, costs, {true, true, true},
+                                            costs[0][0], {"softmax", "swa", "gla"});
+    DifferentiableSearch<decltype(model)> search(model, table, {.steps = 5});
+    const auto ids = test::random_ids(rng, 12, c.vocab_size);
+    while (!search.done()) search.step({ids, 1, 12});
+    const auto ops = search.architecture();
+    REQUIRE(ops.size() == 1);
+    CHECK(table.fits(table.total(ops)));
+    if (budget == 0.0) CHECK(ops[0] != 0);
+  }
+}
