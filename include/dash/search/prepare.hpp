@@ -71,11 +71,7 @@ class CandidatePreparation {
     const double lr = cosine_lr(options_.lr, step, options_.steps, options_.warmup, options_.min_lr_fraction);
     double sum = 0;
     int count = 0;
-    typename Decoder::Activations act;
-    decoder_.forward(batch, act, model_.teacher());
-    for (int l = 0; l < decoder_.n_layers(); ++l) {
-      Tensor<T> h, target;
-      decoder_.mixer_io(l, act, h, target);
+    for_each_layer_io(batch, [&](int l, const Tensor<T>& h, const Tensor<T>& target) {
       for_each_candidate([&]<std::size_t I>() {
         Mixer& mixer = decoder_.mixers()[std::size_t(l)];
         if (step == 0) fit_output_scale<I>(mixer, h, target);
@@ -91,26 +87,35 @@ class CandidatePreparation {
           ++k;
         });
       });
-    }
+    });
     return count ? sum / count : 0;
   }
 
   // The alignment error of every prepared candidate on `batch`, without training.
   AlignmentErrors errors(const model::TokenBatch& batch) const {
     AlignmentErrors e(std::size_t(decoder_.n_layers()), std::vector<double>(n_ops, NAN));
+    for_each_layer_io(batch, [&](int l, const Tensor<T>& h, const Tensor<T>& target) {
+      for_each_candidate([&]<std::size_t I>() {
+        e[std::size_t(l)][I] = error_and_gradient<I>(decoder_.mixers()[std::size_t(l)], h, target, nullptr);
+      });
+    });
+    return e;
+  }
+
+ private:
+  // One teacher forward, then f(l, h_l, A_l(h_l)) for every layer: the normalised input and the
+  // teacher's attention output on it.
+  template <class F>
+  void for_each_layer_io(const model::TokenBatch& batch, F&& f) const {
     typename Decoder::Activations act;
     decoder_.forward(batch, act, model_.teacher());
     for (int l = 0; l < decoder_.n_layers(); ++l) {
       Tensor<T> h, target;
       decoder_.mixer_io(l, act, h, target);
-      for_each_candidate([&]<std::size_t I>() {
-        e[std::size_t(l)][I] = error_and_gradient<I>(decoder_.mixers()[std::size_t(l)], h, target, nullptr);
-      });
+      f(l, h, target);
     }
-    return e;
   }
 
- private:
   // Calls f.template operator()<I>() for every prepared candidate I (own weights only).
   template <class F>
   void for_each_candidate(F&& f) const {
