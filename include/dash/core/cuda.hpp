@@ -1,16 +1,27 @@
-// The CUDA side of core: checked runtime calls that throw dash::Error, and DeviceTensor<T>, the
-// owning device array whose view() is the TensorView<T> (device = cuda) that kernels take.
+// The CUDA side of core: checked runtime calls that throw dash::Error; DeviceTensor<T>, the
+// owning device array whose view() is the TensorView<T> (device = cuda) that kernels take;
+// bf16 transfers to and from host float/double; and Workspace, the one scratch allocation that
+// launchers carve per call, so that a step allocates nothing.
 // Include only where the CUDA runtime is available (CUDA sources, or host code linked to cudart).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
+#include "dash/core/dtype.hpp"
 #include "dash/core/error.hpp"
 #include "dash/core/tensor.hpp"
 
 namespace dash::cuda {
+
+// Device storage type of bf16 tensors; the same bits as dash::bf16 on the host.
+using bfloat16 = __nv_bfloat16;
+static_assert(sizeof(bfloat16) == sizeof(bf16));
 
 inline void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail("CUDA: ", what, ": ", cudaGetErrorName(status), " (", cudaGetErrorString(status), ")");
@@ -63,6 +74,12 @@ class DeviceTensor {
     return d;
   }
 
+  // Asynchronous byte fill on `stream` (0xFF makes every bf16 and fp32 element a NaN).
+  void fill_bytes(int byte, cudaStream_t stream = nullptr) {
+    if (numel() > 0)
+      check(cudaMemsetAsync(data_, byte, sizeof(T) * static_cast<std::size_t>(numel()), stream), "cudaMemsetAsync");
+  }
+
   Tensor<T> to_host() const {
     Tensor<T> host(shape_);
     if (numel() > 0)
@@ -74,6 +91,82 @@ class DeviceTensor {
  private:
   Shape shape_ = Shape{0};
   T* data_ = nullptr;
+};
+
+// bf16 copy on the device of a host float or double tensor, rounded to nearest even.
+template <class T>
+  requires(std::is_same_v<T, float> || std::is_same_v<T, double>)
+DeviceTensor<bfloat16> to_device_bf16(TensorView<const T> host) {
+  require_host(host, "to_device_bf16: source");
+  require(host.contiguous(), "to_device_bf16: source must be contiguous");
+  std::vector<bf16> rounded(static_cast<std::size_t>(host.numel()));
+  for (index_t i = 0; i < host.numel(); ++i) rounded[std::size_t(i)] = bf16(static_cast<float>(host.data[i]));
+  DeviceTensor<bfloat16> d(host.shape);
+  if (d.numel() > 0)
+    check(cudaMemcpy(d.data(), rounded.data(), sizeof(bf16) * rounded.size(), cudaMemcpyHostToDevice),
+          "cudaMemcpy to device");
+  return d;
+}
+
+// A device tensor of bf16 or float, widened to double on the host.
+template <class T>
+Tensor<double> to_host_double(const DeviceTensor<T>& device) {
+  Tensor<double> out(device.shape());
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    std::vector<bf16> raw(static_cast<std::size_t>(device.numel()));
+    if (!raw.empty())
+      check(cudaMemcpy(raw.data(), device.data(), sizeof(bf16) * raw.size(), cudaMemcpyDeviceToHost),
+            "cudaMemcpy to host");
+    for (index_t i = 0; i < out.numel(); ++i) out.data()[i] = static_cast<double>(raw[std::size_t(i)]);
+  } else {
+    const Tensor<T> host = device.to_host();
+    for (index_t i = 0; i < out.numel(); ++i) out.data()[i] = static_cast<double>(host.data()[i]);
+  }
+  return out;
+}
+
+// Scratch memory for launchers: grown (never per step) to the largest request, then carved
+// front to back for the duration of one call. Carves are 256-byte aligned.
+class Workspace {
+ public:
+  Workspace() = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  ~Workspace() {
+    if (base_) cudaFree(base_);
+  }
+
+  static constexpr std::size_t alignment = 256;
+  static constexpr std::size_t aligned(std::size_t bytes) { return (bytes + alignment - 1) / alignment * alignment; }
+
+  // Makes room for `bytes` (synchronising the device only when it has to grow) and rewinds.
+  void reserve(std::size_t bytes) {
+    if (bytes > capacity_) {
+      if (base_) check(cudaFree(base_), "cudaFree (workspace)");
+      base_ = nullptr;
+      check(cudaMalloc(&base_, bytes), "cudaMalloc (workspace)");
+      capacity_ = bytes;
+    }
+    used_ = 0;
+  }
+  void rewind() { used_ = 0; }
+
+  template <class T>
+  T* carve(std::size_t count, const char* what) {
+    const std::size_t bytes = aligned(sizeof(T) * count);
+    require(used_ + bytes <= capacity_, "Workspace: ", what, " needs ", bytes, " bytes but only ", capacity_ - used_,
+            " of ", capacity_, " are left; reserve() the launcher's workspace_bytes() first");
+    T* p = reinterpret_cast<T*>(static_cast<char*>(base_) + used_);
+    used_ += bytes;
+    return p;
+  }
+
+  std::size_t capacity() const { return capacity_; }
+
+ private:
+  void* base_ = nullptr;
+  std::size_t capacity_ = 0;
+  std::size_t used_ = 0;
 };
 
 }  // namespace dash::cuda
