@@ -4,6 +4,7 @@
 # holding eigen3/ and doctest/doctest.h). Builds in parallel, one program per source.
 #
 #   DEPS=dir bash scripts/gpu_build.sh OUT_DIR tests/gpu/test_a.cu [more sources...]
+# DASH_NVCC_EXTRA adds flags (e.g. "-Xptxas -v" for the register and spill report).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=$1
@@ -16,7 +17,7 @@ for src in "$@"; do
   name=$(basename "$src" .cu)
   nvcc -std=c++20 -O3 $arch --expt-relaxed-constexpr -diag-suppress 20012 -lineinfo \
     -I"$root/include" -I"$root/tests" -isystem "$deps" -isystem "$deps/eigen3" \
-    "$src" "$root/tests/support/main.cpp" -lcublasLt -o "$out/$name" &
+    ${DASH_NVCC_EXTRA:-} "$src" "$root/tests/support/main.cpp" -lcublasLt -o "$out/$name" &
   pids+=($!)
 done
 status=0
