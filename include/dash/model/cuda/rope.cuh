@@ -1,0 +1,134 @@
+// Rotary position embedding on the device (dash/ops/rope.hpp). For pair i < D/2 of a head at
+// position p, with θ_i = theta^(−2i/D):
+//   (x_a, x_b) ← (x_a cos pθ_i − x_b sin pθ_i,  x_a sin pθ_i + x_b cos pθ_i)
+// (a, b) = (2i, 2i+1) in the interleaved convention (llama2.c, GGUF), (i, i + D/2) in the half
+// convention (Hugging Face). The backward is the inverse rotation (sin → −sin) of the gradient.
+// Applied in place to q and k, which may be slices of one fused QKV projection output: head h
+// of token t of sequence b sits at base + b·batch_stride + t·token_stride + h·D.
+// cos and sin of pθ_i are computed once in double on the host (angles reach 10⁴ rad and more)
+// and kept in fp32 tables; the rotation runs in fp32.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "dash/core/cuda.hpp"
+#include "dash/core/error.hpp"
+#include "dash/ops/attention.hpp"
+
+namespace dash::cuda::model {
+
+// The device tables of one RopeTable: what a launch reads.
+struct RopeTableView {
+  const float* cos = nullptr;  // [positions, d_head / 2]
+  const float* sin = nullptr;
+  index_t positions = 0;
+  int d_head = 0;
+  RopeConfig::Style style = RopeConfig::Style::none;
+};
+
+// cos and sin of p·θ_i for p in [0, positions): built once per model, on the host in double.
+class RopeTable {
+ public:
+  RopeTable(const RopeConfig& rope, int d_head, index_t positions) : style_(rope.style), d_head_(d_head) {
+    require(d_head >= 2 && d_head % 2 == 0, "RopeTable: d_head = ", d_head, ", expected an even number >= 2");
+    require(positions >= 1, "RopeTable: positions = ", positions, ", expected at least 1");
+    require(rope.style == RopeConfig::Style::none || rope.theta > 0, "RopeTable: theta = ", rope.theta,
+            ", expected > 0");
+    if (style_ == RopeConfig::Style::none) return;
+    const index_t pairs = d_head / 2;
+    Tensor<float> cos(Shape{positions, pairs}), sin(Shape{positions, pairs});
+    for (index_t p = 0; p < positions; ++p)
+      for (index_t i = 0; i < pairs; ++i) {
+        const double angle = double(p) * std::pow(rope.theta, -2.0 * double(i) / double(d_head));
+        cos(p, i) = float(std::cos(angle));
+        sin(p, i) = float(std::sin(angle));
+      }
+    cos_ = DeviceTensor<float>::from_host(cos.view());
+    sin_ = DeviceTensor<float>::from_host(sin.view());
+  }
+
+  RopeTableView view() const {
+    return {cos_.data(), sin_.data(), style_ == RopeConfig::Style::none ? 0 : cos_.shape()[0], d_head_, style_};
+  }
+
+ private:
+  RopeConfig::Style style_;
+  int d_head_;
+  DeviceTensor<float> cos_, sin_;
+};
+
+struct RopeParams {
+  bfloat16* q = nullptr;  // may be null when n_q_heads = 0
+  bfloat16* k = nullptr;  // may be null when n_k_heads = 0
+  int n_q_heads = 0;
+  int n_k_heads = 0;
+  int batch = 0;
+  index_t length = 0;
+  index_t batch_stride = 0;  // elements, shared by q and k
+  index_t token_stride = 0;
+  index_t position_offset = 0;  // token t is at position position_offset + t
+  bool inverse = false;         // the backward: rotate by −pθ
+  RopeTableView table;
+};
+
+namespace detail {
+
+template <RopeConfig::Style kStyle>
+__global__ void rope_kernel(RopeParams p) {
+  const int pairs = p.table.d_head / 2, heads = p.n_q_heads + p.n_k_heads;
+  const index_t total = index_t(p.batch) * p.length * heads * pairs;
+  const float sign = p.inverse ? -1.0f : 1.0f;
+  for (index_t idx = index_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += index_t(gridDim.x) * blockDim.x) {
+    const int i = int(idx % pairs);
+    index_t rest = idx / pairs;
+    const int h = int(rest % heads);
+    rest /= heads;
+    const index_t t = rest % p.length, b = rest / p.length;
+    bfloat16* head = (h < p.n_q_heads ? p.q + index_t(h) * p.table.d_head
+                                      : p.k + index_t(h - p.n_q_heads) * p.table.d_head) +
+                     b * p.batch_stride + t * p.token_stride;
+    const int ia = kStyle == RopeConfig::Style::interleaved ? 2 * i : i;
+    const int ib = kStyle == RopeConfig::Style::interleaved ? 2 * i + 1 : i + pairs;
+    const index_t at = (p.position_offset + t) * pairs + i;
+    const float c = p.table.cos[at], s = sign * p.table.sin[at];
+    const float xa = __bfloat162float(head[ia]), xb = __bfloat162float(head[ib]);
+    head[ia] = __float2bfloat16_rn(xa * c - xb * s);
+    head[ib] = __float2bfloat16_rn(xa * s + xb * c);
+  }
+}
+
+}  // namespace detail
+
+// Rotates q and k in place on `stream`.
+inline void rope(const RopeParams& p, cudaStream_t stream) {
+  const RopeTableView& t = p.table;
+  require(p.n_q_heads >= 0 && p.n_k_heads >= 0 && p.n_q_heads + p.n_k_heads >= 1, "rope: n_q_heads = ", p.n_q_heads,
+          ", n_k_heads = ", p.n_k_heads, ", expected non-negative and not both 0");
+  require(p.n_q_heads == 0 || p.q, "rope: q is null but n_q_heads = ", p.n_q_heads);
+  require(p.n_k_heads == 0 || p.k, "rope: k is null but n_k_heads = ", p.n_k_heads);
+  require(p.batch >= 1 && p.length >= 1, "rope: batch = ", p.batch, ", length = ", p.length,
+          ", expected at least 1 each");
+  require(t.d_head >= 2 && t.d_head % 2 == 0, "rope: table d_head = ", t.d_head, ", expected an even number >= 2");
+  const index_t widest = index_t(std::max(p.n_q_heads, p.n_k_heads)) * t.d_head;
+  require(p.token_stride >= widest, "rope: token_stride = ", p.token_stride, " is below the ", widest,
+          " elements of a token's heads");
+  require(p.batch == 1 || p.batch_stride >= p.length * p.token_stride, "rope: batch_stride = ", p.batch_stride,
+          " is below length · token_stride = ", p.length * p.token_stride);
+  require(p.position_offset >= 0, "rope: position_offset = ", p.position_offset, ", expected >= 0");
+  if (t.style == RopeConfig::Style::none) return;
+  require(t.cos && t.sin, "rope: the table has no device data");
+  require(p.position_offset + p.length <= t.positions, "rope: positions [", p.position_offset, ", ",
+          p.position_offset + p.length, ") exceed the table's ", t.positions);
+  const index_t total = index_t(p.batch) * p.length * (p.n_q_heads + p.n_k_heads) * (t.d_head / 2);
+  const int block = 256;
+  const unsigned grid = unsigned(std::min<index_t>((total + block - 1) / block, index_t(1) << 20));
+  if (t.style == RopeConfig::Style::interleaved)
+    detail::rope_kernel<RopeConfig::Style::interleaved><<<grid, block, 0, stream>>>(p);
+  else
+    detail::rope_kernel<RopeConfig::Style::half><<<grid, block, 0, stream>>>(p);
+  check(cudaGetLastError(), "rope launch");
+}
+
+}  // namespace dash::cuda::model

@@ -1,0 +1,318 @@
+// CUDA kernels of GatedDeltaNet's mixing core (the gated delta rule, gated_delta_net.hpp and
+// gated_delta_net/eigen.hpp): the projections and gate linears are GEMMs elsewhere; these take
+// raw q [B,T,H,D], k and v [B,T,Hs,D] (bf16), the log decay g and β [B,T,Hs] (fp32), and
+//   q̂ = q / sqrt(‖q‖² + ε),  k̂ = k / sqrt(‖k‖² + ε)   (per head, fused into the kernels)
+//   S_t = a_t (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ,   o_t = scale · S_tᵀ q̂_t,   a_t = exp(g_t)
+// with query head h reading state head h / (H / Hs).
+//
+//   forward   chunked (WY / UT) form, chunks of 64 tokens, tensor-core products (bf16 operands,
+//             fp32 accumulation), the state carried in fp32 (forward.cuh); optional initial
+//             and final state fp32 [B, Hs, D, D].
+//   backward  dq, dk, dv (bf16; dk, dv per state head with the group's contributions summed),
+//             dg, dβ (fp32); optional d_final_state in and d_initial_state out (backward.cuh).
+//             The chunk-start checkpoints are recomputed (not taken from a forward call).
+//   decode    the recurrent form, T ≥ 1 tokens advancing a fp32 state in place (decode.cuh).
+//
+// Any D in 1…128 (padded to 32, 64 or 128 inside with zeros). Launchers check every argument
+// before any CUDA call and throw dash::Error; forward and backward take a workspace of at least
+// workspace_bytes(...) bytes (16-byte aligned), never allocate, never synchronise.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "dash/core/cuda.hpp"
+#include "dash/core/error.hpp"
+#include "dash/core/tensor.hpp"
+#include "dash/ops/gated_delta_net/cuda/backward.cuh"
+#include "dash/ops/gated_delta_net/cuda/decode.cuh"
+#include "dash/ops/gated_delta_net/cuda/forward.cuh"
+#include "dash/ops/gated_delta_net/cuda/params.cuh"
+
+namespace dash::cuda::gdn {
+
+inline constexpr int chunk = detail::chunk;
+inline constexpr int max_head_dim = 128;
+
+struct Forward {
+  TensorView<const bfloat16> q;           // [B, T, H, D]
+  TensorView<const bfloat16> k, v;        // [B, T, Hs, D]
+  TensorView<const float> g, beta;        // [B, T, Hs]
+  TensorView<bfloat16> o;                 // [B, T, H, D]
+  TensorView<const float> initial_state;  // [B, Hs, D, D] or empty (zero)
+  TensorView<float> final_state;          // [B, Hs, D, D] or empty
+  float scale = 1.f, eps = 1e-6f;
+};
+
+struct Backward {
+  TensorView<const bfloat16> q, k, v;     // as Forward
+  TensorView<const float> g, beta;
+  TensorView<const float> initial_state;  // or empty
+  TensorView<const bfloat16> d_o;         // [B, T, H, D]
+  TensorView<const float> d_final_state;  // [B, Hs, D, D] or empty (zero)
+  TensorView<bfloat16> dq;                // [B, T, H, D]  (w.r.t. raw q)
+  TensorView<bfloat16> dk, dv;            // [B, T, Hs, D] (w.r.t. raw k)
+  TensorView<float> dg, dbeta;            // [B, T, Hs]
+  TensorView<float> d_initial_state;      // [B, Hs, D, D] or empty
+  float scale = 1.f, eps = 1e-6f;
+};
+
+struct Decode {
+  TensorView<const bfloat16> q;     // [B, T, H, D]
+  TensorView<const bfloat16> k, v;  // [B, T, Hs, D]
+  TensorView<const float> g, beta;  // [B, T, Hs]
+  TensorView<float> state;          // [B, Hs, D, D], advanced in place
+  TensorView<bfloat16> o;           // [B, T, H, D]
+  float scale = 1.f, eps = 1e-6f;
+};
+
+// The sizes of a call: batch, tokens, query heads, state heads, head dimension.
+struct Dims {
+  index_t B = 0, T = 0, H = 0, Hs = 0, D = 0;
+};
+
+namespace detail {
+
+inline int padded_head_dim(index_t D) { return D <= 32 ? 32 : D <= 64 ? 64 : 128; }
+
+inline void check_dims(const Dims& d, const char* where) {
+  require(d.B >= 1 && d.T >= 1 && d.H >= 1 && d.Hs >= 1, where, ": B = ", d.B, ", T = ", d.T, ", H = ", d.H,
+          ", Hs = ", d.Hs, ", expected all >= 1");
+  require(d.H % d.Hs == 0, where, ": ", d.Hs, " state heads must divide the ", d.H, " query heads");
+  require(d.D >= 1 && d.D <= max_head_dim, where, ": head dimension D = ", d.D, ", expected 1 <= D <= ",
+          max_head_dim);
+  require(d.B <= 65535 && d.H <= 65535, where, ": B = ", d.B, " and H = ", d.H, " must be at most 65535");
+  require(d.T <= (index_t(1) << 30), where, ": T = ", d.T, ", expected at most 2^30");
+}
+
+// Byte offsets of the workspace buffers (params.cuh), each 256-byte aligned.
+struct WorkspaceLayout {
+  std::size_t g_cum = 0, k_inv = 0, k_hat = 0, w = 0, u = 0, v_new = 0, states = 0;
+  std::size_t t_inv = 0, dw_local = 0, y_local = 0, dw = 0, d_states = 0;
+  std::size_t forward_bytes = 0, backward_bytes = 0;
+
+  explicit WorkspaceLayout(const Dims& d) {
+    const std::size_t Dp = std::size_t(padded_head_dim(d.D)), heads = std::size_t(d.B * d.Hs);
+    const std::size_t n_chunks = std::size_t((d.T + chunk - 1) / chunk), Tp = n_chunks * chunk;
+    std::size_t at = 0;
+    const auto take = [&](std::size_t bytes) {
+      const std::size_t here = at;
+      at += (bytes + 255) / 256 * 256;
+      return here;
+    };
+    const std::size_t rows = heads * Tp, tile = rows * Dp * sizeof(bfloat16);
+    const std::size_t square = heads * n_chunks * Dp * Dp * sizeof(bfloat16);
+    g_cum = take(rows * sizeof(float));
+    k_inv = take(rows * sizeof(float));
+    k_hat = take(tile), w = take(tile), u = take(tile), v_new = take(tile);
+    states = take(square);
+    forward_bytes = at;
+    t_inv = take(heads * n_chunks * chunk * chunk * sizeof(float));
+    dw_local = take(tile), dw = take(tile);
+    y_local = take(square), d_states = take(square);
+    backward_bytes = at;
+  }
+};
+
+template <class T>
+void check_device_tensor(TensorView<T> x, const Shape& expected, const std::string& what) {
+  require(x.device == Device::cuda, what, ": on ", name_of(x.device), ", expected cuda");
+  require(x.data != nullptr, what, ": null data");
+  require_shape(x, expected, what);
+  require(x.contiguous(), what, ": must be contiguous");
+}
+template <class T>
+void check_optional_state(TensorView<T> x, const Dims& d, const std::string& what) {
+  if (x.data == nullptr) return;  // not given
+  check_device_tensor(x, Shape{d.B, d.Hs, d.D, d.D}, what);
+}
+
+// Sizes from q and k; checks the inputs shared by all calls.
+inline Dims check_inputs(TensorView<const bfloat16> q, TensorView<const bfloat16> k, TensorView<const bfloat16> v,
+                         TensorView<const float> g, TensorView<const float> beta, float scale, float eps,
+                         const std::string& where) {
+  require(q.rank() == 4, where, ": q has shape ", q.shape, ", expected [B, T, H, D]");
+  require(k.rank() == 4, where, ": k has shape ", k.shape, ", expected [B, T, Hs, D]");
+  const Dims d{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+  check_dims(d, where.c_str());
+  check_device_tensor(q, Shape{d.B, d.T, d.H, d.D}, where + ": q");
+  check_device_tensor(k, Shape{d.B, d.T, d.Hs, d.D}, where + ": k");
+  check_device_tensor(v, Shape{d.B, d.T, d.Hs, d.D}, where + ": v");
+  check_device_tensor(g, Shape{d.B, d.T, d.Hs}, where + ": g");
+  check_device_tensor(beta, Shape{d.B, d.T, d.Hs}, where + ": beta");
+  require(std::isfinite(scale), where, ": scale = ", scale, ", expected a finite value");
+  require(std::isfinite(eps) && eps > 0, where, ": eps = ", eps, ", expected a finite value > 0");
+  return d;
+}
+
+inline void check_workspace(void* workspace, std::size_t bytes, std::size_t needed, const char* where) {
+  require(bytes >= needed, where, ": workspace of ", bytes, " bytes, expected at least ", needed,
+          " (workspace_bytes)");
+  require(workspace != nullptr, where, ": workspace is null");
+  require(reinterpret_cast<std::uintptr_t>(workspace) % 16 == 0, where, ": workspace must be 16-byte aligned");
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+inline Params make_params(const Dims& d, float scale, float eps) {
+  Params p;
+  p.B = int(d.B), p.T = int(d.T), p.H = int(d.H), p.Hs = int(d.Hs), p.D = int(d.D);
+  p.n_chunks = int((d.T + chunk - 1) / chunk);
+  p.group = int(d.H / d.Hs);
+  p.padded_T = std::int64_t(p.n_chunks) * chunk;
+  p.scale = scale, p.eps = eps;
+  return p;
+}
+
+inline void carve(Params& p, const WorkspaceLayout& layout, void* workspace, bool backward) {
+  char* base = static_cast<char*>(workspace);
+  p.g_cum = reinterpret_cast<float*>(base + layout.g_cum);
+  p.k_inv = reinterpret_cast<float*>(base + layout.k_inv);
+  p.k_hat = reinterpret_cast<bfloat16*>(base + layout.k_hat);
+  p.w = reinterpret_cast<bfloat16*>(base + layout.w);
+  p.u = reinterpret_cast<bfloat16*>(base + layout.u);
+  p.v_new = reinterpret_cast<bfloat16*>(base + layout.v_new);
+  p.states = reinterpret_cast<bfloat16*>(base + layout.states);
+  if (backward) {
+    p.t_inv = reinterpret_cast<float*>(base + layout.t_inv);
+    p.dw_local = reinterpret_cast<bfloat16*>(base + layout.dw_local);
+    p.y_local = reinterpret_cast<bfloat16*>(base + layout.y_local);
+    p.dw = reinterpret_cast<bfloat16*>(base + layout.dw);
+    p.d_states = reinterpret_cast<bfloat16*>(base + layout.d_states);
+  }
+}
+
+template <class Kernel>
+void launch(Kernel kernel, dim3 grid, int threads, std::size_t shared_bytes, cudaStream_t stream, const Params& p,
+            const char* what) {
+  if (shared_bytes > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)), what);
+  kernel<<<grid, threads, shared_bytes, stream>>>(p);
+  check(cudaGetLastError(), what);
+}
+
+// The forward passes; with `keep_t` the prepare pass also writes (I + A)⁻¹ for the backward.
+template <int Dp>
+void run_forward(const Params& p, bool keep_t, bool outputs, cudaStream_t stream) {
+  Params prep = p;
+  if (!keep_t) prep.t_inv = nullptr;
+  const dim3 chunks(unsigned(p.n_chunks), unsigned(p.Hs), unsigned(p.B));
+  launch(prepare_chunks<Dp>, chunks, 256, sizeof(PrepareShared<Dp>), stream, prep, "gdn prepare_chunks launch");
+  using Seq = SequentialShape<Dp>;
+  launch(chunk_states<Dp>, dim3(unsigned(Dp / Seq::bv), unsigned(p.Hs), unsigned(p.B)), Seq::threads,
+         sizeof(StatesShared<Dp>), stream, p, "gdn chunk_states launch");
+  if (outputs)
+    launch(chunk_outputs<Dp>, dim3(unsigned(p.n_chunks), unsigned(p.H), unsigned(p.B)), 256, sizeof(OutputShared<Dp>),
+           stream, p, "gdn chunk_outputs launch");
+}
+
+template <int Dp>
+void run_backward(const Params& p, cudaStream_t stream) {
+  run_forward<Dp>(p, true, false, stream);
+  const dim3 chunks(unsigned(p.n_chunks), unsigned(p.Hs), unsigned(p.B));
+  using Par = ParallelShape<Dp>;
+  launch(chunk_local_gradients<Dp>, chunks, Par::threads, sizeof(LocalGradShared<Dp>), stream, p,
+         "gdn chunk_local_gradients launch");
+  using Seq = SequentialShape<Dp>;
+  launch(chunk_state_gradients<Dp>, dim3(unsigned(Dp / Seq::bv), unsigned(p.Hs), unsigned(p.B)), Seq::threads,
+         sizeof(StateGradShared<Dp>), stream, p, "gdn chunk_state_gradients launch");
+  launch(chunk_gradients<Dp>, chunks, Par::threads, sizeof(GradShared<Dp>), stream, p, "gdn chunk_gradients launch");
+}
+
+// The one dispatch point from the runtime head dimension to the compiled widths.
+template <class F>
+void with_padded_head_dim(index_t D, F&& f) {
+  switch (padded_head_dim(D)) {
+    case 32: return f.template operator()<32>();
+    case 64: return f.template operator()<64>();
+    default: return f.template operator()<128>();
+  }
+}
+
+}  // namespace detail
+
+inline std::size_t forward_workspace_bytes(const Dims& d) {
+  detail::check_dims(d, "gdn::forward_workspace_bytes");
+  return detail::WorkspaceLayout(d).forward_bytes;
+}
+inline std::size_t backward_workspace_bytes(const Dims& d) {
+  detail::check_dims(d, "gdn::backward_workspace_bytes");
+  return detail::WorkspaceLayout(d).backward_bytes;
+}
+inline std::size_t workspace_bytes(const Forward& a) {
+  return forward_workspace_bytes(
+      detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, "gdn::workspace_bytes(Forward)"));
+}
+inline std::size_t workspace_bytes(const Backward& a) {
+  return backward_workspace_bytes(
+      detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, "gdn::workspace_bytes(Backward)"));
+}
+
+inline void forward(const Forward& a, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+  const std::string where = "gdn::forward";
+  const Dims d = detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, where);
+  detail::check_device_tensor(a.o, Shape{d.B, d.T, d.H, d.D}, where + ": o");
+  detail::check_optional_state(a.initial_state, d, where + ": initial_state");
+  detail::check_optional_state(a.final_state, d, where + ": final_state");
+  const detail::WorkspaceLayout layout(d);
+  detail::check_workspace(workspace, workspace_bytes, layout.forward_bytes, where.c_str());
+
+  detail::Params p = detail::make_params(d, a.scale, a.eps);
+  p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.g = a.g.data, p.beta = a.beta.data, p.o = a.o.data;
+  p.initial_state = a.initial_state.data, p.final_state = a.final_state.data;
+  p.vector = d.D % 8 == 0 && detail::aligned16(p.q) && detail::aligned16(p.k) && detail::aligned16(p.v) &&
+             detail::aligned16(p.o);
+  detail::carve(p, layout, workspace, false);
+  detail::with_padded_head_dim(d.D, [&]<int Dp>() { detail::run_forward<Dp>(p, false, true, stream); });
+}
+
+inline void backward(const Backward& a, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+  const std::string where = "gdn::backward";
+  const Dims d = detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, where);
+  detail::check_optional_state(a.initial_state, d, where + ": initial_state");
+  detail::check_device_tensor(a.d_o, Shape{d.B, d.T, d.H, d.D}, where + ": d_o");
+  detail::check_optional_state(a.d_final_state, d, where + ": d_final_state");
+  detail::check_device_tensor(a.dq, Shape{d.B, d.T, d.H, d.D}, where + ": dq");
+  detail::check_device_tensor(a.dk, Shape{d.B, d.T, d.Hs, d.D}, where + ": dk");
+  detail::check_device_tensor(a.dv, Shape{d.B, d.T, d.Hs, d.D}, where + ": dv");
+  detail::check_device_tensor(a.dg, Shape{d.B, d.T, d.Hs}, where + ": dg");
+  detail::check_device_tensor(a.dbeta, Shape{d.B, d.T, d.Hs}, where + ": dbeta");
+  detail::check_optional_state(a.d_initial_state, d, where + ": d_initial_state");
+  const detail::WorkspaceLayout layout(d);
+  detail::check_workspace(workspace, workspace_bytes, layout.backward_bytes, where.c_str());
+
+  detail::Params p = detail::make_params(d, a.scale, a.eps);
+  p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.g = a.g.data, p.beta = a.beta.data;
+  p.initial_state = a.initial_state.data, p.d_o = a.d_o.data, p.d_final_state = a.d_final_state.data;
+  p.dq = a.dq.data, p.dk = a.dk.data, p.dv = a.dv.data, p.dg = a.dg.data, p.dbeta = a.dbeta.data;
+  p.d_initial_state = a.d_initial_state.data;
+  p.vector = d.D % 8 == 0;
+  for (const void* ptr : {static_cast<const void*>(p.q), static_cast<const void*>(p.k), static_cast<const void*>(p.v),
+                          static_cast<const void*>(p.d_o), static_cast<const void*>(p.dq),
+                          static_cast<const void*>(p.dk), static_cast<const void*>(p.dv)})
+    p.vector = p.vector && detail::aligned16(ptr);
+  detail::carve(p, layout, workspace, true);
+  detail::with_padded_head_dim(d.D, [&]<int Dp>() { detail::run_backward<Dp>(p, stream); });
+}
+
+inline void decode(const Decode& a, cudaStream_t stream) {
+  const std::string where = "gdn::decode";
+  const Dims d = detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, where);
+  detail::check_device_tensor(a.state, Shape{d.B, d.Hs, d.D, d.D}, where + ": state");
+  detail::check_device_tensor(a.o, Shape{d.B, d.T, d.H, d.D}, where + ": o");
+  require(d.Hs <= 65535, where, ": Hs = ", d.Hs, " must be at most 65535");
+
+  detail::Params p = detail::make_params(d, a.scale, a.eps);
+  p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.g = a.g.data, p.beta = a.beta.data, p.o = a.o.data;
+  p.state = a.state.data;
+  detail::with_padded_head_dim(d.D, [&]<int Dp>() {
+    detail::launch(detail::decode_tokens<Dp>, dim3(unsigned(d.Hs), unsigned(d.B)), detail::DecodeShape<Dp>::threads,
+                   0, stream, p, "gdn decode_tokens launch");
+  });
+}
+
+}  // namespace dash::cuda::gdn

@@ -1,0 +1,439 @@
+// Backward kernels of the chunked gated delta rule (math: gated_delta_net/eigen.hpp, notation of
+// forward.cuh). The backward recomputes the forward's workspace (prepare_chunks with T kept,
+// chunk_states), then, with dS the gradient of a chunk's end state:
+//
+//   chunk_local_gradients (every chunk at once, per state head, summing its query heads h):
+//     dW_local = scale Σ_h (M ∘ Q̂_h K̂ᵀ)ᵀ dO_h,      Y = scale Σ_h Q̂_hᵀ diag(γ) dO_h
+//   chunk_state_gradients (sequential, chunks in reverse, per block of state columns):
+//     dW = dW_local + diag(d) K̂ dS,     dS ← γ_n dS + Y − wᵀ dW
+//   (wᵀ dW = K̂ᵀ diag(γ) dU with dU = diag(β) Tᵀ dW, the term through U = V − diag(γ) K̂ S0)
+//   chunk_gradients (every chunk at once, per state head):
+//     dR = Tᵀ dW,  dV = dU = diag(β) dR,  dA = −strictly_lower(dR Wᵀ)
+//     dK̂ = diag(d) W dSᵀ − diag(γβ) dR S0ᵀ + (dKk + dKkᵀ) K̂ + Σ_h (dP_h ∘ M)ᵀ Q̂_h,
+//          dKk = diag(β) (dA ∘ M),   dP_h = lower(scale dO_h Wᵀ)
+//     dQ̂_h = scale diag(γ) dO_h S0ᵀ + (dP_h ∘ M) K̂
+//     dβ_i = dR_i·V_i − γ_i K̂_i·(dR S0ᵀ)_i + Σ_j dA_ij M_ij (K̂K̂ᵀ)_ij
+//     dγ_i = scale Σ_h Q̂_h,i·(dO_h S0ᵀ)_i − β_i K̂_i·(dR S0ᵀ)_i   (+ <S0, dS> for the last token)
+//     dd_j = K̂_j·(W dSᵀ)_j
+//     dg_l = Σ_{i≥l>j} E_ij + Σ_{i≥l} dγ_i γ_i + Σ_{j<l} dd_j d_j,
+//          E = M ∘ (Σ_h dP_h ∘ Q̂_h K̂ᵀ + diag(β) (dA ∘ K̂K̂ᵀ))
+//   (rows of K̂S0 and Q̂S0 are never formed: (X S0)_i·Y_i = X_i·(Y S0ᵀ)_i), and through the
+//   normalisation x̂ = x r, r = 1 / sqrt(‖x‖² + ε):  dx = r (dx̂ − x̂ (x̂·dx̂)).
+// The first term of dg is summed as in the reference: row prefix sums of E, then for each l the
+// column l of them over rows i ≥ l, rather than as differences of large cumulative sums.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "dash/ops/gated_delta_net/cuda/forward.cuh"
+#include "dash/ops/gated_delta_net/cuda/params.cuh"
+#include "dash/ops/gated_delta_net/cuda/tile.cuh"
+
+namespace dash::cuda::gdn::detail {
+
+// ---------------------------------------------------------------------------------------------
+// Block size of the per-chunk backward passes: at Dp = 128 their register and shared memory
+// needs allow one block per SM, which then takes 16 warps.
+template <int Dp>
+struct ParallelShape {
+  static constexpr int warps = Dp == 128 ? 16 : 8;
+  static constexpr int threads = 32 * warps;
+};
+
+// ---------------------------------------------------------------------------------------------
+// chunk_local_gradients: grid (n_chunks, Hs, B), ParallelShape<Dp>::threads threads.
+template <int Dp>
+struct LocalGradShared {
+  alignas(16) bfloat16 k[chunk * pitch(Dp)];
+  alignas(16) bfloat16 qq[2 * chunk * pitch(Dp)];  // Q̂ | scale diag(γ) Q̂; then Y, staged
+  alignas(16) bfloat16 d_o[chunk * pitch(Dp)];
+  alignas(16) bfloat16 p[chunk * pitch(chunk)];
+  alignas(16) float g2[chunk];
+  static_assert(2 * chunk * pitch(Dp) >= Dp * pitch(Dp), "Y is staged in qq");
+};
+
+template <int Dp>
+__global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_local_gradients(const Params p) {
+  constexpr int threads = ParallelShape<Dp>::threads, warps = ParallelShape<Dp>::warps;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  auto& sm = *reinterpret_cast<LocalGradShared<Dp>*>(shared_bytes);
+  const int c = blockIdx.x, s = blockIdx.y, b = blockIdx.z;
+  const int t0 = c * chunk, n = min(chunk, p.T - t0);
+  const std::int64_t head = std::int64_t(b) * p.Hs + s, row0 = head * p.padded_T + t0;
+  bfloat16* q = sm.qq;
+  bfloat16* q_scaled = sm.qq + chunk * pitch(Dp);
+
+  load_tile_async<chunk, Dp, threads>(sm.k, p.k_hat + row0 * Dp, Dp);
+  if (threadIdx.x < chunk / 4) copy_async_16(&sm.g2[threadIdx.x * 4], p.g_cum + row0 + threadIdx.x * 4, true);
+  commit_async();
+
+  Fragments<chunk, Dp, warps> dw;
+  Fragments<Dp, Dp, warps> y;
+  const std::int64_t ld = std::int64_t(p.H) * p.D;
+  for (int h = s * p.group; h < (s + 1) * p.group; ++h) {
+    __syncthreads();
+    const std::int64_t raw = raw_offset(p, b, t0, h, p.H);
+    load_rows<chunk, Dp, threads>(q, p.q + raw, ld, 0, n, p.D, p.vector);
+    load_rows<chunk, Dp, threads>(sm.d_o, p.d_o + raw, ld, 0, n, p.D, p.vector);
+    commit_async();
+    wait_async<0>();
+    __syncthreads();
+    normalize_rows<chunk, Dp, warps>(q, p.eps, nullptr, q_scaled,
+                                     [&](int i) { return p.scale * exp2f(sm.g2[i]); });
+    __syncthreads();
+    {
+      Fragments<chunk, chunk, warps> qk;
+      mma_tile<Dp, Layout::row_major, Layout::col_major>(qk, q, pitch(Dp), sm.k, pitch(Dp));
+      qk.store(sm.p, pitch(chunk),
+               [&](int i, int j, float x) { return j <= i ? p.scale * exp2f(sm.g2[i] - sm.g2[j]) * x : 0.f; });
+    }
+    __syncthreads();
+    mma_tile<chunk, Layout::col_major, Layout::row_major>(dw, sm.p, pitch(chunk), sm.d_o, pitch(Dp));
+    mma_tile<chunk, Layout::col_major, Layout::row_major>(y, q_scaled, pitch(Dp), sm.d_o, pitch(Dp));
+  }
+  __syncthreads();
+  dw.store(sm.k, pitch(Dp));
+  y.store(sm.qq, pitch(Dp));
+  __syncthreads();
+  store_tile<chunk, Dp, threads>(p.dw_local + row0 * Dp, Dp, sm.k);
+  store_tile<Dp, Dp, threads>(p.y_local + (head * p.n_chunks + c) * Dp * Dp, Dp, sm.qq);
+}
+
+// ---------------------------------------------------------------------------------------------
+// chunk_state_gradients: grid (Dp / bv, Hs, B). dS (Dp × bv, fp32) lives in registers; per
+// chunk, last to first: checkpoint dS (bf16), dW, dS ← γ_n dS + Y − wᵀ dW. Tiles are fetched
+// `stages − 1` chunks ahead.
+template <int Dp>
+struct StateGradShared {
+  static constexpr int bv = SequentialShape<Dp>::bv, stages = SequentialShape<Dp>::stages;
+  alignas(16) bfloat16 k[stages][chunk * pitch(Dp)];
+  alignas(16) bfloat16 w[stages][chunk * pitch(Dp)];
+  alignas(16) bfloat16 dw_local[stages][chunk * pitch(bv)];
+  alignas(16) bfloat16 y[stages][Dp * pitch(bv)];
+  alignas(16) float g2[stages][chunk];
+  alignas(16) bfloat16 ds[Dp * pitch(bv)];
+  alignas(16) bfloat16 dw_negated[chunk * pitch(bv)];
+  alignas(16) bfloat16 dw_out[chunk * pitch(bv)];
+};
+
+template <int Dp>
+__global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_state_gradients(const Params p) {
+  using Seq = SequentialShape<Dp>;
+  constexpr int bv = Seq::bv, warps = Seq::warps, threads = Seq::threads, stages = Seq::stages;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  auto& sm = *reinterpret_cast<StateGradShared<Dp>*>(shared_bytes);
+  const int v0 = blockIdx.x * bv, s = blockIdx.y, b = blockIdx.z;
+  const std::int64_t head = std::int64_t(b) * p.Hs + s;
+
+  // Step `step` handles chunk n_chunks − 1 − step; one commit group per step.
+  const auto fetch = [&](int step) {
+    const int c = p.n_chunks - 1 - step;
+    if (c >= 0) {
+      const int buf = step % stages;
+      const std::int64_t row0 = head * p.padded_T + std::int64_t(c) * chunk;
+      load_tile_async<chunk, Dp, threads>(sm.k[buf], p.k_hat + row0 * Dp, Dp);
+      load_tile_async<chunk, Dp, threads>(sm.w[buf], p.w + row0 * Dp, Dp);
+      load_tile_async<chunk, bv, threads>(sm.dw_local[buf], p.dw_local + row0 * Dp + v0, Dp);
+      load_tile_async<Dp, bv, threads>(sm.y[buf], p.y_local + (head * p.n_chunks + c) * Dp * Dp + v0, Dp);
+      if (threadIdx.x < chunk / 4) copy_async_16(&sm.g2[buf][threadIdx.x * 4], p.g_cum + row0 + threadIdx.x * 4, true);
+    }
+    commit_async();
+  };
+
+  Fragments<Dp, bv, warps> dS;
+  if (p.d_final_state) {
+    const float* d_final = p.d_final_state + head * p.D * p.D;
+    dS.for_each([&](int i, int j, float& x) { x = i < p.D && v0 + j < p.D ? d_final[i * p.D + v0 + j] : 0.f; });
+  }
+  for (int step = 0; step < stages - 1; ++step) fetch(step);
+  for (int step = 0; step < p.n_chunks; ++step) {
+    const int c = p.n_chunks - 1 - step, buf = step % stages;
+    fetch(step + stages - 1);
+    dS.store(sm.ds, pitch(bv));
+    wait_async<stages - 1>();
+    __syncthreads();
+    const std::int64_t row0 = head * p.padded_T + std::int64_t(c) * chunk;
+    store_tile<Dp, bv, threads>(p.d_states + (head * p.n_chunks + c) * Dp * Dp + v0, Dp, sm.ds);
+    const float* g2 = sm.g2[buf];
+    const float g_end = g2[chunk - 1];
+    {
+      Fragments<chunk, bv, warps> dW;
+      mma_tile<Dp, Layout::row_major, Layout::row_major>(dW, sm.k[buf], pitch(Dp), sm.ds, pitch(bv));
+      const bfloat16* local = sm.dw_local[buf];
+      dW.for_each([&](int i, int j, float& x) {
+        x = exp2f(g_end - g2[i]) * x + __bfloat162float(local[i * pitch(bv) + j]);
+      });
+      dW.store(sm.dw_out, pitch(bv));
+      dW.store(sm.dw_negated, pitch(bv), [](int, int, float x) { return -x; });
+    }
+    __syncthreads();
+    store_tile<chunk, bv, threads>(p.dw + row0 * Dp + v0, Dp, sm.dw_out);
+    const float decay = exp2f(g_end);
+    const bfloat16* y = sm.y[buf];
+    dS.for_each([&](int i, int j, float& x) { x = decay * x + __bfloat162float(y[i * pitch(bv) + j]); });
+    mma_tile<chunk, Layout::col_major, Layout::row_major>(dS, sm.w[buf], pitch(Dp), sm.dw_negated, pitch(bv));
+    __syncthreads();
+  }
+  if (p.d_initial_state) {
+    float* out = p.d_initial_state + head * p.D * p.D;
+    dS.for_each([&](int i, int j, float& x) {
+      if (i < p.D && v0 + j < p.D) out[i * p.D + v0 + j] = x;
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// chunk_gradients: grid (n_chunks, Hs, B), ParallelShape<Dp>::threads threads. Four shared
+// regions are reused across the phases (see the comments at each use). Row sums over products
+// come as `parts` partial sums per row (one per warp column), added in a fixed order.
+template <int Dp>
+struct GradShared {
+  static constexpr int tile = chunk * pitch(Dp), square = Dp * pitch(Dp);
+  static constexpr int region_bytes_raw = [] {
+    int bytes = tile * 2;
+    if (chunk * square_pitch * 4 > bytes) bytes = chunk * square_pitch * 4;
+    if (2 * chunk * pitch(chunk) * 2 > bytes) bytes = 2 * chunk * pitch(chunk) * 2;
+    return bytes;
+  }();
+  static constexpr int region_bytes = (region_bytes_raw + 15) / 16 * 16;
+
+  alignas(16) bfloat16 k[tile];      // K̂
+  alignas(16) bfloat16 w[tile];      // W
+  alignas(16) bfloat16 s0[square];   // S0
+  alignas(16) bfloat16 ds[square];   // dS
+  alignas(16) float e[chunk * square_pitch];  // E, then its row prefix sums
+  alignas(16) unsigned char region[4][region_bytes];
+  float g2[chunk], beta[chunk], gamma[chunk], decay_to_end[chunk], k_inv[chunk], q_inv[chunk];
+  float dgam[chunk], dgam_total[chunk];
+  static constexpr int parts = Fragments<chunk, Dp, ParallelShape<Dp>::warps>::warps_n;
+  static_assert(parts == Fragments<chunk, chunk, ParallelShape<Dp>::warps>::warps_n, "row partials line up");
+  float z[parts * chunk], y[parts * chunk], dd[parts * chunk], dbeta[parts * chunk], dot[parts * chunk];
+  float warp_sums[ParallelShape<Dp>::warps];
+
+  // Σ of the partial sums of row i.
+  __device__ static float total(const float* partial, int i) {
+    float sum = 0.f;
+#pragma unroll
+    for (int part = 0; part < parts; ++part) sum += partial[part * chunk + i];
+    return sum;
+  }
+
+  template <class T>
+  __device__ T* at(int r) {
+    return reinterpret_cast<T*>(region[r]);
+  }
+};
+
+template <int Dp>
+__global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(const Params p) {
+  constexpr int threads = ParallelShape<Dp>::threads, warps = ParallelShape<Dp>::warps;
+  using Rows = Fragments<chunk, Dp, warps>;
+  using Square = Fragments<chunk, chunk, warps>;
+  using Shared = GradShared<Dp>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  auto& sm = *reinterpret_cast<Shared*>(shared_bytes);
+  const int c = blockIdx.x, s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int t0 = c * chunk, n = min(chunk, p.T - t0);
+  const std::int64_t head = std::int64_t(b) * p.Hs + s, row0 = head * p.padded_T + t0;
+  const std::int64_t checkpoint = (head * p.n_chunks + c) * Dp * Dp;
+  const std::int64_t raw_s = raw_offset(p, b, t0, s, p.Hs), ld_s = std::int64_t(p.Hs) * p.D;
+
+  // Phase 0: loads. Regions: 0 = V, 1 = dW, 2 = T (hi | lo), 3 = dR (written in phase 1).
+  // T enters dR = Tᵀ dW as a bf16 pair (hi + lo), at fp32 accuracy: dR feeds every gradient of
+  // the chunk, and T's entries grow large when keys are nearly parallel with β near 1.
+  bfloat16* v = sm.template at<bfloat16>(0);
+  bfloat16* dW = sm.template at<bfloat16>(1);
+  bfloat16* t_hi = sm.template at<bfloat16>(2);
+  bfloat16* t_lo = t_hi + chunk * pitch(chunk);
+  bfloat16* dR = sm.template at<bfloat16>(3);
+  load_tile_async<chunk, Dp, threads>(sm.k, p.k_hat + row0 * Dp, Dp);
+  load_tile_async<chunk, Dp, threads>(sm.w, p.v_new + row0 * Dp, Dp);
+  load_tile_async<chunk, Dp, threads>(dW, p.dw + row0 * Dp, Dp);
+  load_tile_async<Dp, Dp, threads>(sm.s0, p.states + checkpoint, Dp);
+  load_tile_async<Dp, Dp, threads>(sm.ds, p.d_states + checkpoint, Dp);
+  load_rows<chunk, Dp, threads>(v, p.v + raw_s, ld_s, 0, n, p.D, p.vector);
+  commit_async();
+  if (tid < chunk) {
+    sm.g2[tid] = p.g_cum[row0 + tid];
+    sm.k_inv[tid] = p.k_inv[row0 + tid];
+    sm.beta[tid] = tid < n ? p.beta[(std::int64_t(b) * p.T + t0 + tid) * p.Hs + s] : 0.f;
+    sm.dgam[tid] = 0.f;
+  }
+  {
+    const float* t = p.t_inv + (head * p.n_chunks + c) * chunk * chunk;
+    for (int e = tid; e < chunk * chunk; e += threads) {
+      const float x = t[e];
+      const bfloat16 hi = __float2bfloat16(x);
+      const int at = (e / chunk) * pitch(chunk) + e % chunk;
+      t_hi[at] = hi, t_lo[at] = __float2bfloat16(x - __bfloat162float(hi));
+    }
+  }
+  wait_async<0>();
+  __syncthreads();
+  if (tid < chunk) {
+    sm.gamma[tid] = exp2f(sm.g2[tid]);
+    sm.decay_to_end[tid] = exp2f(sm.g2[chunk - 1] - sm.g2[tid]);
+  }
+
+  // Phase 1: dR = Tᵀ dW; dV = diag(β) dR; z_i = dR_i·V_i.
+  {
+    Rows r;
+    mma_tile<chunk, Layout::col_major, Layout::row_major>(r, t_hi, pitch(chunk), dW, pitch(Dp));
+    mma_tile<chunk, Layout::col_major, Layout::row_major>(r, t_lo, pitch(chunk), dW, pitch(Dp));
+    r.row_partials(sm.z, [&](int i, int j, float x) { return x * __bfloat162float(v[i * pitch(Dp) + j]); });
+    r.store(dR, pitch(Dp));
+    __syncthreads();
+    r.store(v, pitch(Dp), [&](int i, int, float x) { return sm.beta[i] * x; });
+    __syncthreads();
+    store_rows<chunk, Dp, threads>(p.dv + raw_s, ld_s, n, p.D, v, p.vector);
+  }
+  // M ∘ K̂K̂ᵀ (fp32) into region 2, T no longer needed.
+  float* mkk = sm.template at<float>(2);
+  {
+    Square kk;
+    mma_tile<Dp, Layout::row_major, Layout::col_major>(kk, sm.k, pitch(Dp), sm.k, pitch(Dp));
+    kk.for_each([&](int i, int j, float& x) {
+      mkk[i * square_pitch + j] = j < i ? exp2f(sm.g2[i] - sm.g2[j]) * x : 0.f;
+    });
+  }
+  __syncthreads();
+  // Phase 2: dA = −strictly_lower(dR Wᵀ): E, dKk (fp32, region 1: dW is no longer needed) and
+  // the dA part of dβ.
+  float* dkk = sm.template at<float>(1);
+  {
+    Square da;
+    mma_tile<Dp, Layout::row_major, Layout::col_major>(da, dR, pitch(Dp), sm.w, pitch(Dp));
+    da.for_each([&](int i, int j, float& x) {
+      const bool below = j < i;
+      x = below ? -x : 0.f;
+      sm.e[i * square_pitch + j] = sm.beta[i] * x * mkk[i * square_pitch + j];
+      dkk[i * square_pitch + j] = below ? sm.beta[i] * x * exp2f(sm.g2[i] - sm.g2[j]) : 0.f;
+    });
+    da.row_partials(sm.dbeta, [&](int i, int j, float x) { return x * mkk[i * square_pitch + j]; });
+  }
+  // Phase 3: the state terms of dK̂: diag(d) W dSᵀ − diag(γβ) dR S0ᵀ, with the row dots y, dd.
+  Rows dk;
+  {
+    Rows x;
+    mma_tile<Dp, Layout::row_major, Layout::col_major>(x, dR, pitch(Dp), sm.s0, pitch(Dp));
+    x.row_partials(sm.y, [&](int i, int j, float f) { return f * __bfloat162float(sm.k[i * pitch(Dp) + j]); });
+    dk.for_each_with(x, [&](int i, int, float& mine, float f) { mine = -sm.gamma[i] * sm.beta[i] * f; });
+    x.fill(0.f);
+    mma_tile<Dp, Layout::row_major, Layout::col_major>(x, sm.w, pitch(Dp), sm.ds, pitch(Dp));
+    x.row_partials(sm.dd, [&](int i, int j, float f) { return f * __bfloat162float(sm.k[i * pitch(Dp) + j]); });
+    dk.for_each_with(x, [&](int i, int, float& mine, float f) { mine += sm.decay_to_end[i] * f; });
+  }
+  __syncthreads();
+  // Phase 4: dK̂ += (dKk + dKkᵀ) K̂, the symmetric sum in region 0 (bf16).
+  bfloat16* sym = sm.template at<bfloat16>(0);
+  for (int e = tid; e < chunk * chunk; e += threads) {
+    const int i = e / chunk, j = e % chunk;
+    sym[i * pitch(chunk) + j] = __float2bfloat16(dkk[i * square_pitch + j] + dkk[j * square_pitch + i]);
+  }
+  __syncthreads();
+  mma_tile<chunk, Layout::row_major, Layout::row_major>(dk, sym, pitch(chunk), sm.k, pitch(Dp));
+  __syncthreads();
+
+  // Phase 5, per query head. Regions: 3 = Q̂, 2 = dO, 0 = dP ∘ M (bf16), 1 = dQ staged.
+  bfloat16* q = sm.template at<bfloat16>(3);
+  bfloat16* d_o = sm.template at<bfloat16>(2);
+  bfloat16* dpm = sm.template at<bfloat16>(0);
+  bfloat16* stage = sm.template at<bfloat16>(1);
+  const std::int64_t ld_h = std::int64_t(p.H) * p.D;
+  for (int h = s * p.group; h < (s + 1) * p.group; ++h) {
+    const std::int64_t raw_h = raw_offset(p, b, t0, h, p.H);
+    load_rows<chunk, Dp, threads>(q, p.q + raw_h, ld_h, 0, n, p.D, p.vector);
+    load_rows<chunk, Dp, threads>(d_o, p.d_o + raw_h, ld_h, 0, n, p.D, p.vector);
+    commit_async();
+    wait_async<0>();
+    __syncthreads();
+    normalize_rows<chunk, Dp, warps>(q, p.eps, sm.q_inv);
+    __syncthreads();
+    {
+      Square qk, dp;
+      mma_tile<Dp, Layout::row_major, Layout::col_major>(qk, q, pitch(Dp), sm.k, pitch(Dp));
+      mma_tile<Dp, Layout::row_major, Layout::col_major>(dp, d_o, pitch(Dp), sm.w, pitch(Dp));
+      dp.for_each_with(qk, [&](int i, int j, float& x, float qkv) {
+        const float m = j <= i ? p.scale * exp2f(sm.g2[i] - sm.g2[j]) : 0.f;
+        sm.e[i * square_pitch + j] += m * x * qkv;
+        x *= m;
+      });
+      dp.store(dpm, pitch(chunk));
+    }
+    Rows dq;
+    mma_tile<Dp, Layout::row_major, Layout::col_major>(dq, d_o, pitch(Dp), sm.s0, pitch(Dp));
+    dq.row_partials(sm.dot, [&](int i, int j, float x) { return x * __bfloat162float(q[i * pitch(Dp) + j]); });
+    __syncthreads();
+    if (tid < chunk) sm.dgam[tid] += p.scale * Shared::total(sm.dot, tid);
+    dq.for_each([&](int i, int, float& x) { x *= p.scale * sm.gamma[i]; });
+    mma_tile<chunk, Layout::row_major, Layout::row_major>(dq, dpm, pitch(chunk), sm.k, pitch(Dp));
+    mma_tile<chunk, Layout::col_major, Layout::row_major>(dk, dpm, pitch(chunk), q, pitch(Dp));
+    __syncthreads();
+    dq.row_partials(sm.dot, [&](int i, int j, float x) { return x * __bfloat162float(q[i * pitch(Dp) + j]); });
+    __syncthreads();
+    dq.store(stage, pitch(Dp), [&](int i, int j, float x) {
+      return sm.q_inv[i] * (x - __bfloat162float(q[i * pitch(Dp) + j]) * Shared::total(sm.dot, i));
+    });
+    __syncthreads();
+    store_rows<chunk, Dp, threads>(p.dq + raw_h, ld_h, n, p.D, stage, p.vector);
+  }
+
+  // Phase 6: dk through the normalisation; <S0, dS>; dg and dβ.
+  dk.row_partials(sm.dot, [&](int i, int j, float x) { return x * __bfloat162float(sm.k[i * pitch(Dp) + j]); });
+  {
+    float sum = 0.f;
+    for (int e = tid; e < Dp * Dp; e += threads) {
+      const int at = (e / Dp) * pitch(Dp) + e % Dp;
+      sum += __bfloat162float(sm.s0[at]) * __bfloat162float(sm.ds[at]);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (tid % 32 == 0) sm.warp_sums[tid / 32] = sum;
+  }
+  {
+    // Row prefix sums of E, exclusive: E_ij ← Σ_{j' < j} E_ij'. Warp per row, two entries per lane.
+    const int lane = tid % 32;
+    for (int i = tid / 32; i < chunk; i += warps) {
+      float* row = sm.e + i * square_pitch;
+      const float e0 = row[2 * lane], e1 = row[2 * lane + 1];
+      float run = e0 + e1;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const float other = __shfl_up_sync(0xffffffffu, run, offset);
+        if (lane >= offset) run += other;
+      }
+      const float before = run - (e0 + e1);
+      row[2 * lane] = before;
+      row[2 * lane + 1] = before + e0;
+    }
+  }
+  __syncthreads();
+  bfloat16* dk_stage = sm.template at<bfloat16>(3);
+  dk.store(dk_stage, pitch(Dp), [&](int i, int j, float x) {
+    return sm.k_inv[i] * (x - __bfloat162float(sm.k[i * pitch(Dp) + j]) * Shared::total(sm.dot, i));
+  });
+  if (tid < chunk) {
+    const int i = tid;
+    float state_dot = 0.f;
+    for (int w = 0; w < warps; ++w) state_dot += sm.warp_sums[w];
+    const float y = Shared::total(sm.y, i);
+    sm.dgam_total[i] = sm.dgam[i] - sm.beta[i] * y + (i == n - 1 ? state_dot : 0.f);
+  }
+  __syncthreads();
+  store_rows<chunk, Dp, threads>(p.dk + raw_s, ld_s, n, p.D, dk_stage, p.vector);
+  if (tid < n) {
+    const int l = tid;
+    float cover = 0.f, after = 0.f, before = 0.f;
+    for (int i = l; i < chunk; ++i) cover += sm.e[i * square_pitch + l];
+    for (int i = l; i < chunk; ++i) after += sm.dgam_total[i] * sm.gamma[i];
+    for (int j = 0; j < l; ++j) before += Shared::total(sm.dd, j) * sm.decay_to_end[j];
+    const std::int64_t at = (std::int64_t(b) * p.T + t0 + l) * p.Hs + s;
+    p.dg[at] = cover + after + before;
+    const float y = Shared::total(sm.y, l), z = Shared::total(sm.z, l);
+    p.dbeta[at] = Shared::total(sm.dbeta, l) + z - sm.gamma[l] * y;
+  }
+}
+
+}  // namespace dash::cuda::gdn::detail

@@ -1,0 +1,51 @@
+// What every GatedDeltaNet kernel receives: sizes, the caller's tensors and the workspace
+// buffers, as plain device pointers (one struct for all kernels; each reads what it needs).
+//
+// Workspace buffers, per state head (b, s) and padded length Tp = n_chunks · chunk, with the
+// head dimension padded to Dp ∈ {32, 64, 128} (zero columns):
+//   g_cum     fp32 [B, Hs, Tp]          cumulative log2 decay from each chunk's start
+//   k_inv     fp32 [B, Hs, Tp]          1 / sqrt(‖k‖² + ε)
+//   k_hat     bf16 [B, Hs, Tp, Dp]      normalised keys
+//   w, u      bf16 [B, Hs, Tp, Dp]      W = u − w S0 per chunk (see forward.cuh)
+//   v_new     bf16 [B, Hs, Tp, Dp]      W of every chunk
+//   states    bf16 [B, Hs, n_chunks, Dp, Dp]   the state at every chunk's start
+// and for the backward:
+//   t_inv     fp32 [B, Hs, n_chunks, 64, 64]   (I + A)⁻¹ per chunk
+//   dw_local  bf16 [B, Hs, Tp, Dp]      scale Σ_h (M ∘ Q̂_h K̂ᵀ)ᵀ dO_h
+//   y_local   bf16 [B, Hs, n_chunks, Dp, Dp]   scale Σ_h Q̂_hᵀ diag(γ) dO_h
+//   dw        bf16 [B, Hs, Tp, Dp]      dL/dW per chunk
+//   d_states  bf16 [B, Hs, n_chunks, Dp, Dp]   dL/d(state at every chunk's end)
+#pragma once
+
+#include <cstdint>
+
+#include "dash/core/cuda.hpp"
+
+namespace dash::cuda::gdn::detail {
+
+struct Params {
+  int B = 0, T = 0, H = 0, Hs = 0, D = 0;
+  int n_chunks = 0, group = 0;  // group = H / Hs query heads per state head
+  std::int64_t padded_T = 0;    // n_chunks · chunk
+  float scale = 1.f, eps = 1e-6f;
+  bool vector = false;  // raw rows move 16 bytes at a time (D % 8 == 0, aligned pointers)
+
+  // The caller's tensors (raw q, k; initial_state etc. may be null).
+  const bfloat16 *q = nullptr, *k = nullptr, *v = nullptr, *d_o = nullptr;
+  const float *g = nullptr, *beta = nullptr, *initial_state = nullptr, *d_final_state = nullptr;
+  bfloat16 *o = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  float *final_state = nullptr, *dg = nullptr, *dbeta = nullptr, *d_initial_state = nullptr;
+  float* state = nullptr;  // decode: [B, Hs, D, D], advanced in place
+
+  // Workspace.
+  float *g_cum = nullptr, *k_inv = nullptr, *t_inv = nullptr;
+  bfloat16 *k_hat = nullptr, *w = nullptr, *u = nullptr, *v_new = nullptr, *states = nullptr;
+  bfloat16 *dw_local = nullptr, *y_local = nullptr, *dw = nullptr, *d_states = nullptr;
+};
+
+// Offset of token t of head `head` (of `heads`) in batch b of a raw [B, T, heads, D] tensor.
+__device__ __forceinline__ std::int64_t raw_offset(const Params& p, int b, int t, int head, int heads) {
+  return ((std::int64_t(b) * p.T + t) * heads + head) * p.D;
+}
+
+}  // namespace dash::cuda::gdn::detail

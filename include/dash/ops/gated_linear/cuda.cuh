@@ -1,0 +1,285 @@
+// CUDA kernels of GatedLinear's mixer (gated_linear.hpp; the math and its chunked form in
+// gated_linear/eigen.hpp), on its own q, k, v and log decays g:
+//
+//   S_t = e^{g_t}·S_{t−1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t     (per query head, fp32 state)
+//
+// forward   the chunked form (chunks of 64 tokens): one sweep kernel (gated_linear/cuda/
+//           sweep.cuh) walks each head's chunks in order with the state in registers, so chunk
+//           states are never written out; optional initial and final state.
+// backward  three more sweeps of the same kernel in one launch (dq forward in time, dk and dv
+//           in reverse, each recomputing the states it needs), then the GQA group sums of dk and
+//           dv and the log-decay gradient dg_t = Σ_{t'≥t} (q·dq − k·dk) + ⟨dS_T, S_T⟩ (one
+//           reverse scan per head). Optional final-state gradient in, initial-state gradient out.
+// decode    the recurrent form in fp32, state [B, H, D, D] advanced in place (gated_linear/cuda/
+//           decode.cuh).
+//
+// When batch × heads is too small to fill the GPU, forward and backward split the sequence
+// into segments (a first pass for each segment's own state, an fp32 combine, then the sweeps
+// from each segment's initial state); the split depends on the sizes only. Scratch for the
+// segments' states and for the backward's partial sums comes from the caller:
+// forward_workspace_bytes() and backward_workspace_bytes().
+//
+// Layouts and parameters: gated_linear/cuda/params.cuh. Every d_head from 1 to 128 works: the
+// kernels are instantiated for widths 16, 32, 64 and 128 and zero-fill up to the width; inputs
+// whose d_head is not a multiple of 8 (or that are not 16-byte aligned) take a scalar load path.
+// Launchers check every argument before any CUDA call, never allocate and never synchronise.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "dash/core/cuda.hpp"
+#include "dash/core/error.hpp"
+#include "dash/ops/gated_linear/cuda/decode.cuh"
+#include "dash/ops/gated_linear/cuda/gradients.cuh"
+#include "dash/ops/gated_linear/cuda/params.cuh"
+#include "dash/ops/gated_linear/cuda/sweep.cuh"
+
+namespace dash::cuda::gla {
+
+namespace detail {
+
+// Calls f with the padded width (16, 32, 64 or 128) of d_head as an integral constant: the one
+// place where the head dimension becomes a template parameter.
+template <class F>
+decltype(auto) with_width(int d_head, F&& f) {
+  if (d_head <= 16) return f(std::integral_constant<int, 16>{});
+  if (d_head <= 32) return f(std::integral_constant<int, 32>{});
+  if (d_head <= 64) return f(std::integral_constant<int, 64>{});
+  return f(std::integral_constant<int, 128>{});
+}
+
+inline void check_sizes(const char* fn, int batch, int length, int n_heads, int n_kv_heads, int d_head, float scale) {
+  require(batch >= 1, fn, ": batch = ", batch, ", expected ≥ 1");
+  require(length >= 1, fn, ": length = ", length, ", expected ≥ 1");
+  require(n_heads >= 1 && n_heads <= 65535, fn, ": n_heads = ", n_heads, ", expected 1 … 65535");
+  require(n_kv_heads >= 1 && n_heads % n_kv_heads == 0, fn, ": n_kv_heads = ", n_kv_heads,
+          ", expected ≥ 1 and a divisor of n_heads = ", n_heads);
+  require(d_head >= 1 && d_head <= max_d_head, fn, ": d_head = ", d_head, ", expected 1 … ", max_d_head);
+  require(std::isfinite(scale), fn, ": scale = ", scale, ", expected a finite number");
+  // Grid z is batch × sweeps × segments; segments > 1 only while that is below target_blocks.
+  require(std::int64_t(batch) * max_sweeps <= 65535, fn, ": batch = ", batch, ", expected ≤ ", 65535 / max_sweeps);
+}
+
+inline void check_inputs(const char* fn, const Inputs& p) {
+  check_sizes(fn, p.batch, p.length, p.n_heads, p.n_kv_heads, p.d_head, p.scale);
+  require(p.q != nullptr, fn, ": q is null");
+  require(p.k != nullptr, fn, ": k is null");
+  require(p.v != nullptr, fn, ": v is null");
+  require(p.g != nullptr, fn, ": g (log decays) is null");
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+inline std::size_t aligned_bytes(std::size_t floats) { return (floats * sizeof(float) + 255) / 256 * 256; }
+
+// Carves fp32 arrays front to back from a workspace (256-byte aligned, as counted by
+// aligned_bytes); a count of 0 gives null.
+class Carver {
+ public:
+  explicit Carver(void* workspace) : cursor_(static_cast<char*>(workspace)) {}
+  float* take(std::size_t floats) {
+    float* out = floats ? reinterpret_cast<float*>(cursor_) : nullptr;
+    cursor_ += aligned_bytes(floats);
+    return out;
+  }
+
+ private:
+  char* cursor_;
+};
+
+// How a launch of n_sweeps sweeps is split into segments, and the scratch the split needs per
+// sweep (segment states [B, H, P, D, D] and log decays [B, H, P]).
+struct SweepPlan {
+  Segmentation split;
+  int partials = 0;  // dot partials per token of the default shape
+  std::size_t state_floats = 0, decay_floats = 0;
+
+  std::size_t bytes_per_sweep() const { return aligned_bytes(state_floats) + aligned_bytes(decay_floats); }
+};
+
+inline SweepPlan sweep_plan(const Inputs& p, int n_sweeps) {
+  SweepPlan plan;
+  with_width(p.d_head, [&](auto width) {
+    using Shape = DefaultShape<decltype(width)::value>;
+    plan.split = segmentation(Shape::v_blocks * p.n_heads * p.batch * n_sweeps, p.length, Shape::C);
+    plan.partials = Shape::partials;
+  });
+  if (plan.split.segments > 1) {
+    const std::size_t heads = std::size_t(p.batch) * std::size_t(p.n_heads) * std::size_t(plan.split.segments);
+    plan.state_floats = heads * std::size_t(p.d_head) * std::size_t(p.d_head);
+    plan.decay_floats = heads;
+  }
+  return plan;
+}
+
+inline void set_segments(SweepBatch& batch, Sweep& s, const SweepPlan& plan, Carver& carver) {
+  batch.segments = plan.split.segments, batch.segment_chunks = plan.split.segment_chunks;
+  s.segment_states = carver.take(plan.state_floats);
+  s.segment_decays = carver.take(plan.decay_floats);
+}
+
+inline SweepBatch sweep_batch(const Inputs& p) {
+  SweepBatch batch;
+  batch.g = p.g;
+  batch.batch = p.batch, batch.length = p.length, batch.n_heads = p.n_heads, batch.d_head = p.d_head;
+  batch.scale = p.scale;
+  batch.vector_io = p.d_head % 8 == 0 && aligned16(p.q) && aligned16(p.k) && aligned16(p.v);
+  return batch;
+}
+
+inline void launch(const SweepBatch& batch, cudaStream_t stream) {
+  with_width(batch.d_head, [&](auto width) { launch_sweeps<DefaultShape<decltype(width)::value>>(batch, stream); });
+}
+
+// The backward's scratch beyond the sweeps' segments.
+struct BackwardScratch {
+  SweepPlan plan;
+  std::size_t dot_floats = 0;          // each of q·dq and k·dk partials: [B, H, partials, T]
+  std::size_t final_state_floats = 0;  // the forward's final state, when d_final_state is given
+  std::size_t head_grad_floats = 0;    // each of dk and dv per query head, when n_kv_heads < n_heads
+
+  std::size_t bytes() const {
+    return max_sweeps * plan.bytes_per_sweep() + 2 * aligned_bytes(dot_floats) + aligned_bytes(final_state_floats) +
+           2 * aligned_bytes(head_grad_floats);
+  }
+};
+
+inline BackwardScratch backward_scratch(const BackwardParams& p) {
+  BackwardScratch s;
+  s.plan = sweep_plan(p, max_sweeps);
+  const std::size_t heads = std::size_t(p.batch) * std::size_t(p.n_heads);
+  s.dot_floats = heads * std::size_t(s.plan.partials) * std::size_t(p.length);
+  if (p.d_final_state) s.final_state_floats = heads * std::size_t(p.d_head) * std::size_t(p.d_head);
+  if (p.n_kv_heads != p.n_heads) s.head_grad_floats = heads * std::size_t(p.length) * std::size_t(p.d_head);
+  return s;
+}
+
+inline void check_workspace(const char* fn, void* workspace, std::size_t given, std::size_t needed) {
+  require(given >= needed, fn, ": workspace of ", given, " bytes, expected at least ", needed);
+  require(needed == 0 || workspace != nullptr, fn, ": workspace is null");
+  require(aligned16(workspace), fn, ": workspace must be 16-byte aligned");
+}
+
+}  // namespace detail
+
+// Bytes of scratch forward() needs for these sizes (0 when the sequence is not split).
+inline std::size_t forward_workspace_bytes(const ForwardParams& p) {
+  detail::check_sizes("gla::forward_workspace_bytes", p.batch, p.length, p.n_heads, p.n_kv_heads, p.d_head, p.scale);
+  return detail::sweep_plan(p, 1).bytes_per_sweep();
+}
+
+inline void forward(const ForwardParams& p, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+  constexpr const char* fn = "gla::forward";
+  detail::check_inputs(fn, p);
+  require(p.o != nullptr, fn, ": o is null");
+  const detail::SweepPlan plan = detail::sweep_plan(p, 1);
+  detail::check_workspace(fn, workspace, workspace_bytes, plan.bytes_per_sweep());
+
+  detail::SweepBatch batch = detail::sweep_batch(p);
+  batch.vector_io = batch.vector_io && detail::aligned16(p.o);
+  const int group = p.n_heads / p.n_kv_heads;
+  detail::Sweep& s = batch.sweep[0];
+  s.x = {p.q, p.n_heads, 1};
+  s.y = {p.k, p.n_kv_heads, group};
+  s.z = {p.v, p.n_kv_heads, group};
+  s.out = p.o;
+  s.state_in = p.initial_state;
+  s.state_out = p.final_state;
+  batch.n_sweeps = 1;
+  detail::Carver carver(workspace);
+  detail::set_segments(batch, s, plan, carver);
+  detail::launch(batch, stream);
+}
+
+// Bytes of scratch backward() needs for these sizes (and whether d_final_state is given).
+inline std::size_t backward_workspace_bytes(const BackwardParams& p) {
+  detail::check_sizes("gla::backward_workspace_bytes", p.batch, p.length, p.n_heads, p.n_kv_heads, p.d_head,
+                      p.scale);
+  return detail::backward_scratch(p).bytes();
+}
+
+inline void backward(const BackwardParams& p, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+  constexpr const char* fn = "gla::backward";
+  detail::check_inputs(fn, p);
+  require(p.d_o != nullptr, fn, ": d_o is null");
+  require(p.dq != nullptr, fn, ": dq is null");
+  require(p.dk != nullptr, fn, ": dk is null");
+  require(p.dv != nullptr, fn, ": dv is null");
+  require(p.dg != nullptr, fn, ": dg is null");
+  require(p.d_initial_state == nullptr || (p.d_initial_state != p.d_final_state && p.d_initial_state != p.initial_state),
+          fn, ": d_initial_state must not alias d_final_state or initial_state");
+  const detail::BackwardScratch scratch = detail::backward_scratch(p);
+  detail::check_workspace(fn, workspace, workspace_bytes, scratch.bytes());
+
+  const int H = p.n_heads, Hkv = p.n_kv_heads, group = H / Hkv;
+  const detail::Operand q{p.q, H, 1}, k{p.k, Hkv, group}, v{p.v, Hkv, group}, d_o{p.d_o, H, 1};
+  detail::SweepBatch batch = detail::sweep_batch(p);
+  batch.vector_io = batch.vector_io && detail::aligned16(p.d_o) && detail::aligned16(p.dq) &&
+                    detail::aligned16(p.dk) && detail::aligned16(p.dv);
+  batch.n_sweeps = 3;
+  detail::Carver carver(workspace);
+  for (detail::Sweep& s : batch.sweep) detail::set_segments(batch, s, scratch.plan, carver);
+  float* const q_dot = carver.take(scratch.dot_floats);
+  float* const k_dot = carver.take(scratch.dot_floats);
+  float* const final_state = carver.take(scratch.final_state_floats);
+  float* const dk_heads = carver.take(scratch.head_grad_floats);
+  float* const dv_heads = carver.take(scratch.head_grad_floats);
+
+  detail::Sweep& dq = batch.sweep[0];
+  dq.x = d_o, dq.y = v, dq.z = k;
+  dq.out = p.dq;
+  dq.dot = q, dq.dot_partials = q_dot;
+  dq.state_in = p.initial_state, dq.state_out = final_state, dq.state_transposed = true;
+  detail::Sweep& dk = batch.sweep[1];
+  dk.x = v, dk.y = d_o, dk.z = q, dk.reverse = true;
+  if (group == 1) dk.out = p.dk;
+  else dk.out_f32 = dk_heads;
+  dk.dot = k, dk.dot_partials = k_dot;
+  dk.state_in = p.d_final_state, dk.state_transposed = true;
+  detail::Sweep& dv = batch.sweep[2];
+  dv.x = k, dv.y = q, dv.z = d_o, dv.reverse = true;
+  if (group == 1) dv.out = p.dv;
+  else dv.out_f32 = dv_heads;
+  dv.state_in = p.d_final_state, dv.state_out = p.d_initial_state;
+  detail::launch(batch, stream);
+
+  if (group > 1) {
+    const std::int64_t kv_rows = std::int64_t(p.batch) * p.length * Hkv;
+    const std::int64_t n = kv_rows * p.d_head;
+    const int blocks = int(std::min<std::int64_t>((n + 255) / 256, 4096));
+    detail::sum_groups_kernel<<<blocks, 256, 0, stream>>>(dk_heads, p.dk, kv_rows, group, p.d_head);
+    check(cudaGetLastError(), "gla backward: dk group sum launch");
+    detail::sum_groups_kernel<<<blocks, 256, 0, stream>>>(dv_heads, p.dv, kv_rows, group, p.d_head);
+    check(cudaGetLastError(), "gla backward: dv group sum launch");
+  }
+
+  detail::GateGradient gate;
+  gate.q_dot = q_dot, gate.k_dot = k_dot, gate.partials = scratch.plan.partials;
+  gate.final_state = final_state, gate.d_final_state = p.d_final_state;
+  gate.dg = p.dg;
+  gate.batch = p.batch, gate.length = p.length, gate.n_heads = H, gate.d_head = p.d_head;
+  detail::gate_gradient_kernel<<<dim3(unsigned(H), unsigned(p.batch)), detail::gate_threads, 0, stream>>>(gate);
+  check(cudaGetLastError(), "gla backward: dg scan launch");
+}
+
+inline void decode(const DecodeParams& p, cudaStream_t stream) {
+  constexpr const char* fn = "gla::decode";
+  detail::check_sizes(fn, p.batch, p.length, p.n_heads, p.n_kv_heads, p.d_head, p.scale);
+  require(p.q != nullptr, fn, ": q is null");
+  require(p.k != nullptr, fn, ": k is null");
+  require(p.v != nullptr, fn, ": v is null");
+  require(p.g != nullptr, fn, ": g (log decays) is null");
+  require(p.o != nullptr, fn, ": o is null");
+  require(p.state != nullptr, fn, ": state is null (expected [B, H, D, D] fp32, advanced in place)");
+  const dim3 grid(unsigned((p.d_head + 31) / 32), unsigned(p.n_heads), unsigned(p.batch));
+  detail::with_width(p.d_head, [&](auto width) {
+    detail::decode_kernel<decltype(width)::value><<<grid, 32 * detail::decode_warps, 0, stream>>>(p);
+  });
+  check(cudaGetLastError(), "gla decode launch");
+}
+
+}  // namespace dash::cuda::gla

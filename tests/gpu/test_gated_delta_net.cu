@@ -1,0 +1,667 @@
+// GatedDeltaNet CUDA kernels (dash::cuda::gdn) against the Eigen reference in double on the
+// same bf16-rounded inputs, and identities on the GPU: chunked == recurrent decode, a split
+// sequence carried by its state == the whole, GQA == repeated state heads.
+//
+// Tolerances (relative L2): o, dq, dk, dv are bf16 outputs (test::bf16_tolerance). The final
+// state, d_initial_state, dg and dβ are stored in fp32 but come out of tensor-core products whose
+// operands (K̂, Q̂, W, the checkpoints S0 and dS, dR) are rounded to bf16, so they carry bf16-level
+// error too; dg and dβ are moreover sums of a few terms of opposite sign (the state, output and
+// key-key paths), which can lose a factor of a few in relative accuracy. They are held to
+// state_tolerance (1e-2) and gate_tolerance (3e-2). The decode kernel is fp32 throughout and its
+// state meets test::fp32_tolerance.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "dash/core/cuda.hpp"
+#include "dash/core/dtype.hpp"
+#include "dash/ops/gated_delta_net/cuda.cuh"
+#include "dash/ops/gated_delta_net/eigen.hpp"
+#include "support/compare.hpp"
+#include "support/errors.hpp"
+#include "support/gpu.hpp"
+#include "support/random.hpp"
+
+using namespace dash;
+namespace gdn = dash::cuda::gdn;
+using cuda::bfloat16;
+using cuda::DeviceTensor;
+
+namespace {
+
+constexpr double state_tolerance = 1e-2;
+constexpr double gate_tolerance = 3e-2;
+constexpr float eps = 1e-6f;
+
+enum class Decay { weak, strong, mixed };
+enum class Keep { low, mid, high };  // β near 0, spread, near 1
+
+struct Case {
+  index_t B, T, H, Hs, D;
+  Decay decay;
+  Keep beta;
+  bool with_initial_state, with_d_final;
+  float scale = 1.f;
+};
+
+std::string describe(const Case& c) {
+  static const char* decay[] = {"weak", "strong", "mixed"};
+  static const char* beta[] = {"low", "mid", "high"};
+  return "B=" + std::to_string(c.B) + " T=" + std::to_string(c.T) + " H=" + std::to_string(c.H) +
+         " Hs=" + std::to_string(c.Hs) + " D=" + std::to_string(c.D) + " decay=" + decay[int(c.decay)] +
+         " beta=" + beta[int(c.beta)] + (c.with_initial_state ? " +S0" : "") + (c.with_d_final ? " +dS_T" : "");
+}
+
+double to_bf16(double x) { return double(float(bf16(float(x)))); }
+double to_f32(double x) { return double(float(x)); }
+
+// Inputs in double, already rounded to what the device receives (bf16 or fp32).
+struct Inputs {
+  Tensor<double> q, k, v, g, beta, s0, d_o, d_final;
+};
+
+Tensor<double> rounded(Shape shape, Rng& rng, double stddev, double (*round)(double)) {
+  Tensor<double> t = test::random_tensor<double>(shape, rng, stddev);
+  for (auto& x : t.flat()) x = round(x);
+  return t;
+}
+
+Inputs make_inputs(const Case& c, Rng& rng) {
+  Inputs in;
+  in.q = rounded(Shape{c.B, c.T, c.H, c.D}, rng, 1.0, to_bf16);
+  in.k = rounded(Shape{c.B, c.T, c.Hs, c.D}, rng, 1.0, to_bf16);
+  in.v = rounded(Shape{c.B, c.T, c.Hs, c.D}, rng, 1.0, to_bf16);
+  in.d_o = rounded(Shape{c.B, c.T, c.H, c.D}, rng, 1.0, to_bf16);
+  in.g = Tensor<double>(Shape{c.B, c.T, c.Hs});
+  in.beta = Tensor<double>(Shape{c.B, c.T, c.Hs});
+  for (index_t i = 0; i < in.g.numel(); ++i) {
+    const bool strong = c.decay == Decay::strong || (c.decay == Decay::mixed && rng.uniform() < 0.5);
+    const double a = strong ? rng.uniform(2.0, 8.0) : rng.uniform(1e-3, 0.05);
+    in.g.data()[i] = to_f32(-a);
+    const double b = c.beta == Keep::low ? rng.uniform(1e-3, 0.05)
+                     : c.beta == Keep::high ? rng.uniform(0.95, 0.999)
+                                            : rng.uniform(0.05, 0.95);
+    in.beta.data()[i] = to_f32(b);
+  }
+  if (c.with_initial_state) in.s0 = rounded(Shape{c.B, c.Hs, c.D, c.D}, rng, 0.5, to_f32);
+  if (c.with_d_final) in.d_final = rounded(Shape{c.B, c.Hs, c.D, c.D}, rng, 0.5, to_f32);
+  return in;
+}
+
+template <class T>
+TensorView<const T> optional(const Tensor<T>& t) {
+  return t.empty() ? TensorView<const T>{} : t.view();
+}
+
+struct Results {
+  Tensor<double> o, final_state, dq, dk, dv, dg, dbeta, d_initial;
+};
+
+// The reference: the op's normalisation, then the chunked form (chunk 64) in double.
+Results reference(const Case& c, const Inputs& in, bool with_backward) {
+  const index_t n_chunks = eigen::gdn::chunk_count(c.T, gdn::chunk);
+  Tensor<double> qh(in.q.shape()), kh(in.k.shape()), q_inv(Shape{c.B, c.T, c.H}), k_inv(Shape{c.B, c.T, c.Hs});
+  eigen::gdn::l2_normalize<double>(in.q.view(), qh.view(), q_inv.view(), double(eps));
+  eigen::gdn::l2_normalize<double>(in.k.view(), kh.view(), k_inv.view(), double(eps));
+  Results r;
+  r.o = Tensor<double>(Shape{c.B, c.T, c.H, c.D});
+  Tensor<double> states(Shape{c.B, c.Hs, n_chunks + 1, c.D, c.D});
+  eigen::gdn::forward_chunked<double>(qh.view(), kh.view(), in.v.view(), in.g.view(), in.beta.view(), optional(in.s0),
+                                      r.o.view(), states.view(), gdn::chunk, c.scale);
+  r.final_state = Tensor<double>(Shape{c.B, c.Hs, c.D, c.D});
+  for (index_t b = 0; b < c.B; ++b)
+    for (index_t s = 0; s < c.Hs; ++s)
+      eigen::gdn::state_at(r.final_state.view(), b, s) = eigen::gdn::state_at(states.view(), b, s, n_chunks);
+  if (!with_backward) return r;
+  Tensor<double> dqh(in.q.shape(), 0.0), dkh(in.k.shape(), 0.0);
+  r.dv = Tensor<double>(in.v.shape(), 0.0);
+  r.dg = Tensor<double>(in.g.shape(), 0.0);
+  r.dbeta = Tensor<double>(in.beta.shape(), 0.0);
+  r.d_initial = Tensor<double>(Shape{c.B, c.Hs, c.D, c.D}, 0.0);
+  eigen::gdn::backward_chunked<double>(qh.view(), kh.view(), in.v.view(), in.g.view(), in.beta.view(), states.view(),
+                                       in.d_o.view(), optional(in.d_final), dqh.view(), dkh.view(), r.dv.view(),
+                                       r.dg.view(), r.dbeta.view(), r.d_initial.view(), gdn::chunk, c.scale);
+  r.dq = Tensor<double>(in.q.shape(), 0.0);
+  r.dk = Tensor<double>(in.k.shape(), 0.0);
+  eigen::gdn::l2_normalize_backward<double>(qh.view(), q_inv.view(), dqh.view(), r.dq.view());
+  eigen::gdn::l2_normalize_backward<double>(kh.view(), k_inv.view(), dkh.view(), r.dk.view());
+  return r;
+}
+
+DeviceTensor<float> to_device_f32(const Tensor<double>& x) {
+  Tensor<float> f(x.shape());
+  for (index_t i = 0; i < x.numel(); ++i) f.data()[i] = float(x.data()[i]);
+  return DeviceTensor<float>::from_host(f.view());
+}
+
+template <class T>
+TensorView<const T> optional(const DeviceTensor<T>& t) {
+  return t.numel() > 0 && t.data() ? t.view() : TensorView<const T>{};
+}
+template <class T>
+TensorView<T> optional(DeviceTensor<T>& t) {
+  return t.numel() > 0 && t.data() ? t.view() : TensorView<T>{};
+}
+
+// Device copies of the inputs.
+struct DeviceInputs {
+  DeviceTensor<bfloat16> q, k, v, d_o;
+  DeviceTensor<float> g, beta, s0, d_final;
+  explicit DeviceInputs(const Inputs& in)
+      : q(cuda::to_device_bf16(in.q.view())),
+        k(cuda::to_device_bf16(in.k.view())),
+        v(cuda::to_device_bf16(in.v.view())),
+        d_o(cuda::to_device_bf16(in.d_o.view())),
+        g(to_device_f32(in.g)),
+        beta(to_device_f32(in.beta)) {
+    if (!in.s0.empty()) s0 = to_device_f32(in.s0);
+    if (!in.d_final.empty()) d_final = to_device_f32(in.d_final);
+  }
+};
+
+// A workspace filled with NaN, so that a buffer read before it is written shows.
+struct PoisonedWorkspace {
+  cuda::Workspace space;
+  void* data = nullptr;
+  std::size_t bytes = 0;
+  explicit PoisonedWorkspace(std::size_t n) : bytes(n) {
+    space.reserve(n);
+    data = space.carve<unsigned char>(n, "gdn test workspace");
+    cuda::check(cudaMemset(data, 0xFF, n), "poison workspace");
+  }
+};
+
+Results run_device(const Case& c, const Inputs& in, bool with_backward) {
+  DeviceInputs d(in);
+  Results r;
+  {
+    DeviceTensor<bfloat16> o(Shape{c.B, c.T, c.H, c.D});
+    DeviceTensor<float> final_state(Shape{c.B, c.Hs, c.D, c.D});
+    test::poison(o);
+    test::poison(final_state);
+    gdn::Forward args{d.q.view(), d.k.view(), d.v.view(), d.g.view(), d.beta.view(), o.view(), optional(d.s0),
+                      final_state.view(), c.scale, eps};
+    PoisonedWorkspace ws(gdn::workspace_bytes(args));
+    gdn::forward(args, ws.data, ws.bytes, nullptr);
+    cuda::check(cudaDeviceSynchronize(), "gdn forward");
+    r.o = cuda::to_host_double(o);
+    r.final_state = cuda::to_host_double(final_state);
+  }
+  if (!with_backward) return r;
+  DeviceTensor<bfloat16> dq(in.q.shape()), dk(in.k.shape()), dv(in.v.shape());
+  DeviceTensor<float> dg(in.g.shape()), dbeta(in.beta.shape()), d_initial(Shape{c.B, c.Hs, c.D, c.D});
+  test::poison(dq), test::poison(dk), test::poison(dv), test::poison(dg), test::poison(dbeta);
+  test::poison(d_initial);
+  gdn::Backward args{d.q.view(), d.k.view(), d.v.view(), d.g.view(), d.beta.view(), optional(d.s0), d.d_o.view(),
+                     optional(d.d_final), dq.view(), dk.view(), dv.view(), dg.view(), dbeta.view(),
+                     d_initial.view(), c.scale, eps};
+  PoisonedWorkspace ws(gdn::workspace_bytes(args));
+  gdn::backward(args, ws.data, ws.bytes, nullptr);
+  cuda::check(cudaDeviceSynchronize(), "gdn backward");
+  r.dq = cuda::to_host_double(dq), r.dk = cuda::to_host_double(dk), r.dv = cuda::to_host_double(dv);
+  r.dg = cuda::to_host_double(dg), r.dbeta = cuda::to_host_double(dbeta);
+  r.d_initial = cuda::to_host_double(d_initial);
+  return r;
+}
+
+// Runs the decode kernel over all T tokens from `state` (advanced in place on the host copy).
+Tensor<double> run_decode(const Case& c, const Inputs& in, Tensor<double>& state) {
+  DeviceInputs d(in);
+  DeviceTensor<float> S = to_device_f32(state);
+  DeviceTensor<bfloat16> o(Shape{c.B, c.T, c.H, c.D});
+  test::poison(o);
+  gdn::decode(gdn::Decode{d.q.view(), d.k.view(), d.v.view(), d.g.view(), d.beta.view(), S.view(), o.view(), c.scale,
+                          eps},
+              nullptr);
+  cuda::check(cudaDeviceSynchronize(), "gdn decode");
+  state = cuda::to_host_double(S);
+  return cuda::to_host_double(o);
+}
+
+void compare_forward(const Case& c, const Results& got, const Results& want) {
+  const double o = test::relative_l2(got.o, want.o), s = test::relative_l2(got.final_state, want.final_state);
+  MESSAGE(describe(c), ": o ", o, ", final state ", s);
+  CHECK(o <= test::bf16_tolerance);
+  CHECK(s <= state_tolerance);
+}
+
+void compare_backward(const Case& c, const Results& got, const Results& want) {
+  const double dq = test::relative_l2(got.dq, want.dq), dk = test::relative_l2(got.dk, want.dk);
+  const double dv = test::relative_l2(got.dv, want.dv), dg = test::relative_l2(got.dg, want.dg);
+  const double db = test::relative_l2(got.dbeta, want.dbeta);
+  const double ds0 = test::relative_l2(got.d_initial, want.d_initial);
+  MESSAGE(describe(c), ": dq ", dq, ", dk ", dk, ", dv ", dv, ", dg ", dg, ", dbeta ", db, ", d_initial ", ds0);
+  CHECK(dq <= test::bf16_tolerance);
+  CHECK(dk <= test::bf16_tolerance);
+  CHECK(dv <= test::bf16_tolerance);
+  CHECK(dg <= gate_tolerance);
+  CHECK(db <= gate_tolerance);
+  CHECK(ds0 <= state_tolerance);
+}
+
+// x[:, t0:t1] of a [B, T, ...] tensor.
+Tensor<double> tokens(const Tensor<double>& x, index_t t0, index_t t1) {
+  std::vector<index_t> dims;
+  for (int a = 0; a < x.rank(); ++a) dims.push_back(a == 1 ? t1 - t0 : x.dim(a));
+  Shape shape;
+  switch (x.rank()) {
+    case 3: shape = Shape{dims[0], dims[1], dims[2]}; break;
+    default: shape = Shape{dims[0], dims[1], dims[2], dims[3]}; break;
+  }
+  Tensor<double> out(shape);
+  const index_t inner = x.numel() / (x.dim(0) * x.dim(1));
+  for (index_t b = 0; b < x.dim(0); ++b)
+    std::copy_n(x.data() + (b * x.dim(1) + t0) * inner, (t1 - t0) * inner, out.data() + b * (t1 - t0) * inner);
+  return out;
+}
+
+// [B, T, Hs, ...] → [B, T, Hs·group, ...], head h a copy of head h / group.
+Tensor<double> repeat_heads(const Tensor<double>& x, index_t group) {
+  const index_t B = x.dim(0), T = x.dim(1), Hs = x.dim(2), inner = x.rank() == 4 ? x.dim(3) : 1;
+  Tensor<double> out(x.rank() == 4 ? Shape{B, T, Hs * group, inner} : Shape{B, T, Hs * group});
+  for (index_t bt = 0; bt < B * T; ++bt)
+    for (index_t h = 0; h < Hs * group; ++h)
+      std::copy_n(x.data() + (bt * Hs + h / group) * inner, inner, out.data() + (bt * Hs * group + h) * inner);
+  return out;
+}
+
+// Σ over each group of heads: [B, T, Hs·group, ...] → [B, T, Hs, ...].
+Tensor<double> sum_groups(const Tensor<double>& x, index_t group) {
+  const index_t B = x.dim(0), T = x.dim(1), H = x.dim(2), inner = x.rank() == 4 ? x.dim(3) : 1;
+  Tensor<double> out(x.rank() == 4 ? Shape{B, T, H / group, inner} : Shape{B, T, H / group}, 0.0);
+  for (index_t bt = 0; bt < B * T; ++bt)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t e = 0; e < inner; ++e)
+        out.data()[(bt * (H / group) + h / group) * inner + e] += x.data()[(bt * H + h) * inner + e];
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("gdn forward and backward match the reference (odd T, GQA, head dims, decays, beta)") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn reference");
+  const Case cases[] = {
+      {2, 1, 2, 2, 64, Decay::weak, Keep::mid, false, false},
+      {1, 7, 4, 2, 8, Decay::strong, Keep::high, true, true},
+      {2, 63, 2, 1, 40, Decay::weak, Keep::low, false, true},
+      {1, 64, 2, 1, 7, Decay::mixed, Keep::mid, true, true},
+      {1, 65, 3, 3, 128, Decay::mixed, Keep::high, true, false},
+      {1, 100, 2, 2, 100, Decay::weak, Keep::low, false, true},
+      {1, 130, 4, 2, 64, Decay::strong, Keep::mid, true, true},
+      {1, 130, 2, 2, 128, Decay::weak, Keep::high, false, false, 0.125f},
+      {2, 200, 2, 1, 64, Decay::mixed, Keep::mid, true, false},
+  };
+  for (const Case& c : cases) {
+    const Inputs in = make_inputs(c, rng);
+    const Results want = reference(c, in, true);
+    const Results got = run_device(c, in, true);
+    compare_forward(c, got, want);
+    compare_backward(c, got, want);
+  }
+}
+
+TEST_CASE("gdn random shapes match the reference") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn random shapes");
+  const index_t lengths[] = {1, 7, 63, 65, 130};
+  const index_t dims[] = {8, 40, 64, 128};
+  for (int trial = 0; trial < 4; ++trial) {
+    const index_t Hs = 1 + index_t(rng.below(2)), group = 1 + index_t(rng.below(2));
+    const Case c{1 + index_t(rng.below(2)), lengths[rng.below(5)], Hs * group, Hs, dims[rng.below(4)],
+                 Decay(rng.below(3)), Keep(rng.below(3)), rng.below(2) == 1, rng.below(2) == 1};
+    const Inputs in = make_inputs(c, rng);
+    const Results want = reference(c, in, true);
+    const Results got = run_device(c, in, true);
+    compare_forward(c, got, want);
+    compare_backward(c, got, want);
+  }
+}
+
+TEST_CASE("gdn decode matches the recurrent reference") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn decode");
+  const Case cases[] = {
+      {2, 1, 4, 2, 64, Decay::weak, Keep::mid, true, false},
+      {1, 7, 2, 2, 8, Decay::strong, Keep::high, true, false},
+      {1, 7, 3, 1, 40, Decay::mixed, Keep::low, true, false},
+      {2, 3, 2, 2, 128, Decay::weak, Keep::high, true, false},
+  };
+  for (const Case& c : cases) {
+    const Inputs in = make_inputs(c, rng);
+    Tensor<double> qh(in.q.shape()), kh(in.k.shape()), q_inv(Shape{c.B, c.T, c.H}), k_inv(Shape{c.B, c.T, c.Hs});
+    eigen::gdn::l2_normalize<double>(in.q.view(), qh.view(), q_inv.view(), double(eps));
+    eigen::gdn::l2_normalize<double>(in.k.view(), kh.view(), k_inv.view(), double(eps));
+    Tensor<double> o_want(Shape{c.B, c.T, c.H, c.D}), states(Shape{c.B, c.Hs, 2, c.D, c.D});
+    eigen::gdn::forward_recurrent<double>(qh.view(), kh.view(), in.v.view(), in.g.view(), in.beta.view(),
+                                          in.s0.view(), o_want.view(), states.view(), c.T, c.scale);
+    Tensor<double> s_want(Shape{c.B, c.Hs, c.D, c.D});
+    for (index_t b = 0; b < c.B; ++b)
+      for (index_t s = 0; s < c.Hs; ++s)
+        eigen::gdn::state_at(s_want.view(), b, s) = eigen::gdn::state_at(states.view(), b, s, 1);
+    Tensor<double> state = clone(in.s0.view());
+    const Tensor<double> o = run_decode(c, in, state);
+    const double eo = test::relative_l2(o, o_want), es = test::relative_l2(state, s_want);
+    MESSAGE(describe(c), ": decode o ", eo, ", state ", es);
+    CHECK(eo <= test::bf16_tolerance);
+    CHECK(es <= test::fp32_tolerance);
+  }
+}
+
+TEST_CASE("gdn chunked forward equals the recurrent decode over the same tokens") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn chunked vs decode");
+  for (const Case& c : {Case{1, 130, 4, 2, 64, Decay::mixed, Keep::mid, true, false},
+                        Case{2, 65, 2, 2, 128, Decay::weak, Keep::high, true, false}}) {
+    const Inputs in = make_inputs(c, rng);
+    const Results chunked = run_device(c, in, false);
+    Tensor<double> state = clone(in.s0.view());
+    const Tensor<double> o = run_decode(c, in, state);
+    const double eo = test::relative_l2(chunked.o, o), es = test::relative_l2(chunked.final_state, state);
+    MESSAGE(describe(c), ": chunked vs decode o ", eo, ", state ", es);
+    CHECK(eo <= test::bf16_tolerance);
+    CHECK(es <= state_tolerance);
+  }
+}
+
+TEST_CASE("gdn split sequence with initial state equals the whole sequence") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn split");
+  const Case whole{2, 150, 4, 2, 64, Decay::mixed, Keep::mid, true, false};
+  const Inputs in = make_inputs(whole, rng);
+  const Results all = run_device(whole, in, false);
+  const index_t cut = 70;
+  Case first = whole, second = whole;
+  first.T = cut, second.T = whole.T - cut;
+  Inputs a, b;
+  for (auto [part, t0, t1] : {std::tuple{&a, index_t(0), cut}, std::tuple{&b, cut, whole.T}}) {
+    part->q = tokens(in.q, t0, t1), part->k = tokens(in.k, t0, t1), part->v = tokens(in.v, t0, t1);
+    part->g = tokens(in.g, t0, t1), part->beta = tokens(in.beta, t0, t1), part->d_o = tokens(in.d_o, t0, t1);
+  }
+  a.s0 = clone(in.s0.view());
+  const Results ra = run_device(first, a, false);
+  b.s0 = clone(ra.final_state.view());
+  const Results rb = run_device(second, b, false);
+  const double e1 = test::relative_l2(ra.o, tokens(all.o, 0, cut));
+  const double e2 = test::relative_l2(rb.o, tokens(all.o, cut, whole.T));
+  const double es = test::relative_l2(rb.final_state, all.final_state);
+  MESSAGE("split at ", cut, ": o ", e1, " / ", e2, ", final state ", es);
+  CHECK(e1 <= test::bf16_tolerance);
+  CHECK(e2 <= test::bf16_tolerance);
+  CHECK(es <= state_tolerance);
+}
+
+TEST_CASE("gdn GQA equals repeated state heads") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn gqa");
+  const Case gqa{1, 97, 4, 2, 40, Decay::mixed, Keep::mid, true, false};
+  const Inputs in = make_inputs(gqa, rng);
+  const index_t group = gqa.H / gqa.Hs;
+  Case mha = gqa;
+  mha.Hs = gqa.H;
+  Inputs rep = in;
+  rep.k = repeat_heads(in.k, group), rep.v = repeat_heads(in.v, group);
+  rep.g = repeat_heads(in.g, group), rep.beta = repeat_heads(in.beta, group);
+  rep.s0 = Tensor<double>(Shape{mha.B, mha.Hs, mha.D, mha.D});
+  for (index_t h = 0; h < mha.Hs; ++h)
+    eigen::gdn::state_at(rep.s0.view(), 0, h) = eigen::gdn::state_at(in.s0.view(), 0, h / group);
+  const Results a = run_device(gqa, in, true);
+  const Results b = run_device(mha, rep, true);
+  const double o = test::relative_l2(a.o, b.o), dq = test::relative_l2(a.dq, b.dq);
+  const double dk = test::relative_l2(a.dk, sum_groups(b.dk, group)), dv = test::relative_l2(a.dv, sum_groups(b.dv, group));
+  const double dg = test::relative_l2(a.dg, sum_groups(b.dg, group));
+  const double db = test::relative_l2(a.dbeta, sum_groups(b.dbeta, group));
+  MESSAGE("GQA vs repeated: o ", o, ", dq ", dq, ", dk ", dk, ", dv ", dv, ", dg ", dg, ", dbeta ", db);
+  CHECK(o <= 1e-6);
+  CHECK(dq <= 1e-6);
+  CHECK(dk <= test::bf16_tolerance);
+  CHECK(dv <= test::bf16_tolerance);
+  CHECK(dg <= gate_tolerance);
+  CHECK(db <= gate_tolerance);
+}
+
+TEST_CASE("gdn sanitizer subset: small forward, backward and decode") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn sanitizer");
+  for (const Case& c : {Case{1, 70, 2, 1, 40, Decay::mixed, Keep::mid, true, true},
+                        Case{1, 9, 2, 2, 7, Decay::weak, Keep::high, false, false}}) {
+    const Inputs in = make_inputs(c, rng);
+    const Results want = reference(c, in, true);
+    const Results got = run_device(c, in, true);
+    compare_forward(c, got, want);
+    compare_backward(c, got, want);
+    Tensor<double> state = c.with_initial_state ? clone(in.s0.view()) : Tensor<double>(Shape{c.B, c.Hs, c.D, c.D}, 0.0);
+    const Tensor<double> o = run_decode(c, in, state);
+    CHECK(test::relative_l2(o, want.o) <= test::bf16_tolerance);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input: every launcher check throws dash::Error before any CUDA call (no device needed).
+
+namespace {
+
+template <class T>
+T* fake_device_pointer() {
+  return reinterpret_cast<T*>(std::uintptr_t{1} << 20);
+}
+template <class T>
+TensorView<T> device_view(Shape shape) {
+  return TensorView<T>(fake_device_pointer<std::remove_const_t<T>>(), shape, Device::cuda);
+}
+
+constexpr index_t B = 1, T = 8, H = 2, Hs = 1, D = 16;
+
+gdn::Forward good_forward() {
+  gdn::Forward a;
+  a.q = device_view<const bfloat16>(Shape{B, T, H, D});
+  a.k = device_view<const bfloat16>(Shape{B, T, Hs, D});
+  a.v = device_view<const bfloat16>(Shape{B, T, Hs, D});
+  a.g = device_view<const float>(Shape{B, T, Hs});
+  a.beta = device_view<const float>(Shape{B, T, Hs});
+  a.o = device_view<bfloat16>(Shape{B, T, H, D});
+  return a;
+}
+
+gdn::Backward good_backward() {
+  gdn::Backward a;
+  a.q = device_view<const bfloat16>(Shape{B, T, H, D});
+  a.k = device_view<const bfloat16>(Shape{B, T, Hs, D});
+  a.v = device_view<const bfloat16>(Shape{B, T, Hs, D});
+  a.g = device_view<const float>(Shape{B, T, Hs});
+  a.beta = device_view<const float>(Shape{B, T, Hs});
+  a.d_o = device_view<const bfloat16>(Shape{B, T, H, D});
+  a.dq = device_view<bfloat16>(Shape{B, T, H, D});
+  a.dk = device_view<bfloat16>(Shape{B, T, Hs, D});
+  a.dv = device_view<bfloat16>(Shape{B, T, Hs, D});
+  a.dg = device_view<float>(Shape{B, T, Hs});
+  a.dbeta = device_view<float>(Shape{B, T, Hs});
+  return a;
+}
+
+gdn::Decode good_decode() {
+  gdn::Decode a;
+  a.q = device_view<const bfloat16>(Shape{B, T, H, D});
+  a.k = device_view<const bfloat16>(Shape{B, T, Hs, D});
+  a.v = device_view<const bfloat16>(Shape{B, T, Hs, D});
+  a.g = device_view<const float>(Shape{B, T, Hs});
+  a.beta = device_view<const float>(Shape{B, T, Hs});
+  a.state = device_view<float>(Shape{B, Hs, D, D});
+  a.o = device_view<bfloat16>(Shape{B, T, H, D});
+  return a;
+}
+
+void* const fake_workspace = fake_device_pointer<void>();
+constexpr std::size_t big = std::size_t{1} << 40;
+
+std::string forward_error(const gdn::Forward& a, void* ws = fake_workspace, std::size_t bytes = big) {
+  return test::error_of([&] { gdn::forward(a, ws, bytes, nullptr); });
+}
+std::string backward_error(const gdn::Backward& a, void* ws = fake_workspace, std::size_t bytes = big) {
+  return test::error_of([&] { gdn::backward(a, ws, bytes, nullptr); });
+}
+
+}  // namespace
+
+TEST_CASE("gdn forward refuses bad input without a device") {
+  gdn::Forward a = good_forward();
+  SUBCASE("q on the host") {
+    a.q.device = Device::cpu;
+    CHECK(test::contains(forward_error(a), "q: on cpu"));
+  }
+  SUBCASE("q of rank 3") {
+    a.q = device_view<const bfloat16>(Shape{B, T, H * D});
+    CHECK(test::contains(forward_error(a), "q has shape"));
+  }
+  SUBCASE("head dimension above 128") {
+    a.q = device_view<const bfloat16>(Shape{B, T, H, 129});
+    CHECK(test::contains(forward_error(a), "head dimension D = 129"));
+  }
+  SUBCASE("empty sequence") {
+    a.q = device_view<const bfloat16>(Shape{B, 0, H, D});
+    CHECK(test::contains(forward_error(a), "expected all >= 1"));
+  }
+  SUBCASE("state heads that do not divide the query heads") {
+    a.q = device_view<const bfloat16>(Shape{B, T, 3, D});
+    a.k = device_view<const bfloat16>(Shape{B, T, 2, D});
+    CHECK(test::contains(forward_error(a), "state heads must divide"));
+  }
+  SUBCASE("k of another length") {
+    a.k = device_view<const bfloat16>(Shape{B, T + 1, Hs, D});
+    CHECK(test::contains(forward_error(a), ": k: shape"));
+  }
+  SUBCASE("v of another head dimension") {
+    a.v = device_view<const bfloat16>(Shape{B, T, Hs, D + 1});
+    CHECK(test::contains(forward_error(a), ": v: shape"));
+  }
+  SUBCASE("g per query head") {
+    a.g = device_view<const float>(Shape{B, T, H});
+    CHECK(test::contains(forward_error(a), ": g: shape"));
+  }
+  SUBCASE("beta of the wrong rank") {
+    a.beta = device_view<const float>(Shape{B, T});
+    CHECK(test::contains(forward_error(a), ": beta: shape"));
+  }
+  SUBCASE("o per state head") {
+    a.o = device_view<bfloat16>(Shape{B, T, Hs, D});
+    CHECK(test::contains(forward_error(a), ": o: shape"));
+  }
+  SUBCASE("null q") {
+    a.q.data = nullptr;
+    CHECK(test::contains(forward_error(a), "q: null data"));
+  }
+  SUBCASE("strided q") {
+    a.q.stride[1] *= 2;
+    CHECK(test::contains(forward_error(a), "q: must be contiguous"));
+  }
+  SUBCASE("initial state of the wrong shape") {
+    a.initial_state = device_view<const float>(Shape{B, Hs, D, D + 1});
+    CHECK(test::contains(forward_error(a), "initial_state: shape"));
+  }
+  SUBCASE("final state on the host") {
+    a.final_state = device_view<float>(Shape{B, Hs, D, D});
+    a.final_state.device = Device::cpu;
+    CHECK(test::contains(forward_error(a), "final_state: on cpu"));
+  }
+  SUBCASE("non-finite scale") {
+    a.scale = std::nanf("");
+    CHECK(test::contains(forward_error(a), "scale"));
+  }
+  SUBCASE("eps of zero") {
+    a.eps = 0.f;
+    CHECK(test::contains(forward_error(a), "eps"));
+  }
+  SUBCASE("workspace too small") {
+    CHECK(test::contains(forward_error(a, fake_workspace, 16), "workspace of 16 bytes"));
+  }
+  SUBCASE("null workspace") {
+    CHECK(test::contains(forward_error(a, nullptr), "workspace is null"));
+  }
+  SUBCASE("misaligned workspace") {
+    CHECK(test::contains(forward_error(a, static_cast<char*>(fake_workspace) + 4), "16-byte aligned"));
+  }
+}
+
+TEST_CASE("gdn backward refuses bad input without a device") {
+  gdn::Backward a = good_backward();
+  SUBCASE("d_o per state head") {
+    a.d_o = device_view<const bfloat16>(Shape{B, T, Hs, D});
+    CHECK(test::contains(backward_error(a), "d_o: shape"));
+  }
+  SUBCASE("dq of another shape") {
+    a.dq = device_view<bfloat16>(Shape{B, T, H, D + 1});
+    CHECK(test::contains(backward_error(a), "dq: shape"));
+  }
+  SUBCASE("dk per query head") {
+    a.dk = device_view<bfloat16>(Shape{B, T, H, D});
+    CHECK(test::contains(backward_error(a), "dk: shape"));
+  }
+  SUBCASE("dv on the host") {
+    a.dv.device = Device::cpu;
+    CHECK(test::contains(backward_error(a), "dv: on cpu"));
+  }
+  SUBCASE("dg missing") {
+    a.dg.data = nullptr;
+    CHECK(test::contains(backward_error(a), "dg: null data"));
+  }
+  SUBCASE("dbeta of the wrong shape") {
+    a.dbeta = device_view<float>(Shape{B, T + 1, Hs});
+    CHECK(test::contains(backward_error(a), "dbeta: shape"));
+  }
+  SUBCASE("d_final_state of the wrong shape") {
+    a.d_final_state = device_view<const float>(Shape{B, H, D, D});
+    CHECK(test::contains(backward_error(a), "d_final_state: shape"));
+  }
+  SUBCASE("d_initial_state of the wrong shape") {
+    a.d_initial_state = device_view<float>(Shape{B, Hs, D});
+    CHECK(test::contains(backward_error(a), "d_initial_state: shape"));
+  }
+  SUBCASE("initial_state of the wrong shape") {
+    a.initial_state = device_view<const float>(Shape{B, Hs + 1, D, D});
+    CHECK(test::contains(backward_error(a), "initial_state: shape"));
+  }
+  SUBCASE("a forward-sized workspace") {
+    const gdn::Dims d{B, T, H, Hs, D};
+    const std::size_t bytes = gdn::forward_workspace_bytes(d);
+    REQUIRE(bytes < gdn::backward_workspace_bytes(d));
+    CHECK(test::contains(backward_error(a, fake_workspace, bytes), "workspace of"));
+  }
+  SUBCASE("bad q as in forward") {
+    a.q = device_view<const bfloat16>(Shape{B, T, H, 200});
+    CHECK(test::contains(backward_error(a), "head dimension D = 200"));
+  }
+}
+
+TEST_CASE("gdn decode refuses bad input without a device") {
+  gdn::Decode a = good_decode();
+  const auto error = [&] { return test::error_of([&] { gdn::decode(a, nullptr); }); };
+  SUBCASE("state per query head") {
+    a.state = device_view<float>(Shape{B, H, D, D});
+    CHECK(test::contains(error(), "state: shape"));
+  }
+  SUBCASE("state on the host") {
+    a.state.device = Device::cpu;
+    CHECK(test::contains(error(), "state: on cpu"));
+  }
+  SUBCASE("o of another length") {
+    a.o = device_view<bfloat16>(Shape{B, T - 1, H, D});
+    CHECK(test::contains(error(), "o: shape"));
+  }
+  SUBCASE("beta per query head") {
+    a.beta = device_view<const float>(Shape{B, T, H});
+    CHECK(test::contains(error(), "beta: shape"));
+  }
+}
+
+TEST_CASE("gdn workspace sizes refuse bad dimensions without a device") {
+  CHECK(test::contains(test::error_of([] { (void)gdn::forward_workspace_bytes(gdn::Dims{1, 8, 3, 2, 16}); }),
+                       "state heads must divide"));
+  CHECK(test::contains(test::error_of([] { (void)gdn::backward_workspace_bytes(gdn::Dims{1, 8, 2, 2, 0}); }),
+                       "head dimension D = 0"));
+}
