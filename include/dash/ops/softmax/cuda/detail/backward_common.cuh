@@ -1,0 +1,284 @@
+// Pieces shared by both backward kernels of Softmax / SlidingWindow attention (backward.cuh).
+//
+// The backward runs in three passes over a workspace of fp32:
+//   1. preprocess: D_i = dO_i·o_i per query row (delta), and the dq accumulator rows zeroed;
+//   2. the main kernel: one CTA per (batch, kv head, key tile) recomputes P = exp(s − lse)
+//      tile by tile for every query head of its group, keeps dK and dV of its keys in
+//      registers, and adds each tile's dQ = dS·K into the fp32 accumulator (atomics in the
+//      mma.sync kernel, tensor bulk reductions in the wgmma kernel);
+//   3. finish: dq = scale·accumulator (plus what dq held, when accumulating), to bf16.
+// Tiles are loaded into shared memory with cp.async (16-byte chunks) where every input row
+// is 16-byte aligned, element by element otherwise; rows past T and columns past d_head are
+// zero-filled, so padded queries and keys contribute nothing (a padded query has q = dO = 0
+// and lse = D = 0: its p is finite and its dS is 0; a padded key has k = v = 0 and is hidden
+// from every real query by causality).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dash/core/cuda.hpp"
+#include "dash/ops/softmax/cuda/params.cuh"
+
+namespace dash::cuda::attention::backward_kernels {
+
+// Everything a backward kernel reads: the caller's params plus the workspace carved for them.
+struct BackwardArgs {
+  BackwardParams p;
+  float* delta = nullptr;   // [B, H, T]: D_i = dO_i·o_i
+  float* dq_acc = nullptr;  // [B, H, T, dq_row]: Σ_j dS_ij k_j, unscaled
+  int dq_row = 0;           // d_head rounded up to 8 (aligned two-float atomics, 32-byte rows)
+  int window = 0;           // the mask's window and sinks clamped to T (i − j < T always holds)
+  int sinks = 0;
+  bool vector_qkv = false;  // q, k, v, d_o rows can be read in 16-byte chunks
+};
+
+// The mask of params.cuh on one (query, key) pair and on tiles, as in AttentionMask.
+struct TileMask {
+  int window, sinks;
+
+  __device__ bool visible(int query, int key) const {
+    return key <= query && (query - key < window || key < sinks);
+  }
+  // Whether every pair of the tile [q0, q1) × [k0, k1) is visible (no per-element mask needed).
+  __device__ bool full(int q0, int q1, int k0, int k1) const {
+    return k1 - 1 <= q0 && ((q1 - 1) - k0 < window || k1 <= sinks);
+  }
+  // One past the last query that sees any key of [k0, k1): every query after a sink key sees
+  // it; otherwise the window's reach from the last key.
+  __device__ int query_end(int k0, int k1, int length) const {
+    return k0 < sinks ? length : min(length, k1 - 1 + window);
+  }
+};
+
+__device__ __forceinline__ std::uint32_t smem_address(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes from global to shared memory, or 16 zero bytes when !valid (src is then not read).
+__device__ __forceinline__ void cp_async_16(std::uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_4(std::uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void st_shared_u16(std::uint32_t dst, unsigned short value) {
+  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst), "h"(value) : "memory");
+}
+__device__ __forceinline__ void st_shared_u32(std::uint32_t dst, std::uint32_t value) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst), "r"(value) : "memory");
+}
+
+// 2^x on the special function unit (inputs here are ≤ about 0: p = exp(s − lse) ≤ 1).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ std::uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const std::uint32_t*>(&v);
+}
+
+// Tile layouts in shared memory: byte offset of the 16-byte chunk holding columns
+// [8·c8, 8·c8 + 8) of row r; consecutive rows are row_bytes apart, and a chunk's offset
+// changes by (Δr)·row_bytes when r moves by a multiple of 8.
+//
+// Swizzled128: the canonical 128-byte-swizzled layout of Hopper's tensor-core descriptors:
+// columns in blocks of 64 (128 bytes per row), each block Rows × 128 bytes, chunk index XOR
+// row mod 8 within a row (bank-conflict free for both row and column access).
+template <int Rows>
+struct Swizzled128 {
+  static constexpr int row_bytes = 128;
+  static __device__ __forceinline__ std::uint32_t chunk(int r, int c8) {
+    return (c8 / 8) * (Rows * 128) + r * 128 + (((c8 ^ r) & 7) * 16);
+  }
+};
+// Padded: plain row-major rows of Cols + 8 elements, so that the eight 16-byte rows an
+// ldmatrix reads fall in distinct banks.
+template <int Cols>
+struct Padded {
+  static constexpr int row_bytes = (Cols + 8) * 2;
+  static __device__ __forceinline__ std::uint32_t chunk(int r, int c8) { return r * row_bytes + c8 * 16; }
+};
+
+// Rows [row0, row0 + Rows) × columns [0, Cols) of one head of a [B, T, heads, D] tensor
+// (`head` points at token 0 of that head), zero past `length` rows and `d_head` columns.
+// Asynchronous on the 16-byte path (completes at cp_async_wait_all), synchronous otherwise.
+// On the 16-byte path each thread keeps one column chunk and walks rows Threads / (Cols / 8)
+// apart, so its addresses advance by constant steps.
+template <int Rows, int Cols, class Layout, int Threads>
+__device__ __forceinline__ void load_tile(std::uint32_t smem, const bfloat16* head, std::int64_t token_stride,
+                                          int row0, int length, int d_head, bool vector) {
+  if (vector) {
+    constexpr int per_row = Cols / 8, row_step = Threads / per_row;
+    static_assert(Threads % per_row == 0 && Rows % row_step == 0 && row_step % 8 == 0);
+    const int c8 = threadIdx.x % per_row, r = threadIdx.x / per_row;
+    const bool column_valid = c8 * 8 < d_head;
+    const bfloat16* src = head + (row0 + r) * token_stride + c8 * 8;
+    const std::uint32_t dst = smem + Layout::chunk(r, c8);
+#pragma unroll
+    for (int i = 0; i < Rows / row_step; ++i) {
+      const bool valid = column_valid && row0 + r + i * row_step < length;
+      cp_async_16(dst + i * row_step * Layout::row_bytes, valid ? src + i * row_step * token_stride : head, valid);
+    }
+  } else {
+    for (int e = threadIdx.x; e < Rows * Cols; e += Threads) {
+      const int r = e / Cols, c = e % Cols, row = row0 + r;
+      const bfloat16 x = row < length && c < d_head ? head[row * token_stride + c] : __float2bfloat16(0.f);
+      st_shared_u16(smem + Layout::chunk(r, c / 8) + (c % 8) * 2, __bfloat16_as_ushort(x));
+    }
+  }
+}
+
+// lse and D of query rows [row0, row0 + Rows) (`lse`, `delta` point at row 0 of one head),
+// zero past `length`; threads [0, Rows) copy lse, threads [Rows, 2·Rows) copy D.
+template <int Rows>
+__device__ __forceinline__ void load_row_stats(std::uint32_t lse_smem, std::uint32_t delta_smem, const float* lse,
+                                               const float* delta, int row0, int length) {
+  if (threadIdx.x < 2 * Rows) {
+    const bool is_lse = threadIdx.x < Rows;
+    const int r = is_lse ? threadIdx.x : threadIdx.x - Rows;
+    const bool valid = row0 + r < length;
+    const float* src = is_lse ? lse : delta;
+    cp_async_4((is_lse ? lse_smem : delta_smem) + 4 * r, valid ? src + row0 + r : src, valid);
+  }
+}
+
+// The (query head, query tile) of each step of a CTA's loop, advanced without divisions:
+// steps run over the tiles [first_tile, end_tile) of each head of the group in turn.
+struct StepCursor {
+  int head, tile, first_tile, end_tile;
+
+  __device__ void advance() {
+    if (++tile == end_tile) {
+      tile = first_tile;
+      ++head;
+    }
+  }
+};
+
+// Element offset of (batch, token 0, head) in a [B, T, heads, D] tensor.
+__device__ __forceinline__ std::int64_t head_offset(const Strides& s, int batch, int head, int d_head) {
+  return batch * s.batch + std::int64_t(head) * d_head;
+}
+
+// Pass 1, one warp per (batch, token, query head) row: delta = dO·o in fp32, and the row of
+// the dq accumulator zeroed. VectorRows: o and d_o rows are read in 16-byte chunks.
+template <bool VectorRows>
+__global__ void backward_preprocess_kernel(BackwardArgs args) {
+  const BackwardParams& p = args.p;
+  const std::int64_t rows = std::int64_t(p.batch) * p.length * p.n_heads;
+  const std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int h = int(row % p.n_heads), i = int((row / p.n_heads) % p.length), b = int(row / (std::int64_t(p.n_heads) * p.length));
+  const bfloat16* o = p.o + head_offset(p.o_strides, b, h, p.d_head) + i * p.o_strides.token;
+  const bfloat16* d_o = p.d_o + head_offset(p.d_o_strides, b, h, p.d_head) + i * p.d_o_strides.token;
+  float dot = 0;
+  if constexpr (VectorRows) {
+    for (int c8 = lane; c8 * 8 < p.d_head; c8 += 32) {
+      const uint4 a = *reinterpret_cast<const uint4*>(o + c8 * 8), g = *reinterpret_cast<const uint4*>(d_o + c8 * 8);
+      const auto* a2 = reinterpret_cast<const __nv_bfloat162*>(&a);
+      const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(&g);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 x = __bfloat1622float2(a2[k]), y = __bfloat1622float2(g2[k]);
+        dot += x.x * y.x + x.y * y.y;
+      }
+    }
+  } else {
+    for (int d = lane; d < p.d_head; d += 32) dot += __bfloat162float(o[d]) * __bfloat162float(d_o[d]);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  const std::int64_t stat = (std::int64_t(b) * p.n_heads + h) * p.length + i;
+  if (lane == 0) args.delta[stat] = dot;
+  float4* acc = reinterpret_cast<float4*>(args.dq_acc + stat * args.dq_row);
+  for (int c4 = lane; c4 < args.dq_row / 4; c4 += 32) acc[c4] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// Pass 3: dq = scale·acc (+ dq when Accumulate), rounded to bf16. Grid: y over (batch, head)
+// slices, x over one slice's T·D elements in groups of 8 (Vector: one 16-byte store) or 1.
+template <bool Accumulate, bool Vector>
+__global__ void backward_finish_dq_kernel(BackwardArgs args) {
+  const BackwardParams& p = args.p;
+  constexpr int group = Vector ? 8 : 1;
+  const int groups_per_row = p.d_head / group;
+  const std::int64_t groups = std::int64_t(p.length) * groups_per_row;
+  for (int slice = blockIdx.y; slice < p.batch * p.n_heads; slice += gridDim.y) {
+    const int b = slice / p.n_heads, h = slice % p.n_heads;
+    const float* acc = args.dq_acc + std::int64_t(slice) * p.length * args.dq_row;
+    bfloat16* dq = p.dq + head_offset(p.dq_strides, b, h, p.d_head);
+    for (std::int64_t e = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < groups;
+         e += std::int64_t(gridDim.x) * blockDim.x) {
+      const int i = int(e / groups_per_row), d = int(e % groups_per_row) * group;
+      const float* a = acc + std::int64_t(i) * args.dq_row + d;
+      bfloat16* out = dq + i * p.dq_strides.token + d;
+      if constexpr (Vector) {
+        const float4 lo = *reinterpret_cast<const float4*>(a), hi = *reinterpret_cast<const float4*>(a + 4);
+        float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        uint4 old = make_uint4(0, 0, 0, 0);
+        if constexpr (Accumulate) old = *reinterpret_cast<const uint4*>(out);
+        const auto* old2 = reinterpret_cast<const __nv_bfloat162*>(&old);
+        uint4 packed;
+        auto* packed2 = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          float2 x{p.scale * v[2 * k], p.scale * v[2 * k + 1]};
+          if constexpr (Accumulate) {
+            const float2 y = __bfloat1622float2(old2[k]);
+            x.x += y.x;
+            x.y += y.y;
+          }
+          packed2[k] = __float22bfloat162_rn(x);
+        }
+        *reinterpret_cast<uint4*>(out) = packed;
+      } else {
+        float value = p.scale * *a;
+        if constexpr (Accumulate) value += __bfloat162float(*out);
+        *out = __float2bfloat16(value);
+      }
+    }
+  }
+}
+
+// dK and dV of one key row and column pair, from the accumulators to bf16 (dK scaled), added
+// to what the outputs hold when accumulating; rows past T and columns past d_head are dropped.
+__device__ __forceinline__ void store_key_gradients(const BackwardParams& p, std::int64_t dk_head,
+                                                    std::int64_t dv_head, int key, int col, float dk0, float dk1,
+                                                    float dv0, float dv1) {
+  if (key >= p.length) return;
+  bfloat16* dk = p.dk + dk_head + key * p.dk_strides.token;
+  bfloat16* dv = p.dv + dv_head + key * p.dv_strides.token;
+  const float dk_values[2] = {p.scale * dk0, p.scale * dk1}, dv_values[2] = {dv0, dv1};
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (col + j >= p.d_head) break;
+    float a = dk_values[j], v = dv_values[j];
+    if (p.accumulate) {
+      a += __bfloat162float(dk[col + j]);
+      v += __bfloat162float(dv[col + j]);
+    }
+    dk[col + j] = __float2bfloat16(a);
+    dv[col + j] = __float2bfloat16(v);
+  }
+}
+
+// Adds the pair (x, y) at columns [col, col + 2) of a dq accumulator row.
+__device__ __forceinline__ void add_dq_pair(float* row, int col, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(row + col), make_float2(x, y));
+#else
+  atomicAdd(row + col, x);
+  atomicAdd(row + col + 1, y);
+#endif
+}
+
+}  // namespace dash::cuda::attention::backward_kernels

@@ -1,0 +1,533 @@
+// Backward of Softmax / SlidingWindow attention on CUDA (both main kernels) against the
+// float64 Eigen reference on the same bf16-rounded inputs. The reference's backward reads the
+// o and lse the kernel reads (the float64 forward's, rounded to bf16 and to fp32), so both
+// compute the same function. Identities: a window of at least T is causal attention; GQA
+// equals MHA on repeated k and v heads, with the kv-head gradients summed over each group.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "dash/core/cuda.hpp"
+#include "dash/ops/softmax.hpp"
+#include "dash/ops/softmax/cuda/backward.cuh"
+#include "support/attention_case.hpp"
+#include "support/errors.hpp"
+#include "support/gpu.hpp"
+#include "support/random.hpp"
+
+using namespace dash;
+namespace attn = dash::cuda::attention;
+using attn::BackwardKernel;
+
+namespace {
+
+constexpr std::int64_t no_window = std::numeric_limits<std::int64_t>::max();
+
+struct Case {
+  index_t batch, length, kv_heads, group, d_head;
+  std::int64_t window = no_window, sinks = 0;
+
+  index_t heads() const { return kv_heads * group; }
+  std::string name() const {
+    return "B=" + std::to_string(batch) + " T=" + std::to_string(length) + " H=" + std::to_string(heads()) +
+           " Hkv=" + std::to_string(kv_heads) + " D=" + std::to_string(d_head) +
+           " W=" + (window == no_window ? std::string("inf") : std::to_string(window)) +
+           " sinks=" + std::to_string(sinks);
+  }
+};
+
+double to_bf16(double x) { return double(float(bf16(float(x)))); }
+
+void round_to_bf16(Tensor<double>& t) {
+  for (double& x : t.flat()) x = to_bf16(x);
+}
+
+// Inputs rounded as the device stores them, the forward's o and lse rounded likewise, and the
+// reference gradients.
+struct Problem {
+  Case c;
+  Tensor<double> q, k, v, d_o, o, lse, dq, dk, dv;
+};
+
+Problem make_problem(const Case& c, Rng& rng) {
+  const Shape q_shape{c.batch, c.length, c.heads(), c.d_head}, kv_shape{c.batch, c.length, c.kv_heads, c.d_head};
+  Problem pr{c, test::random_tensor<double>(q_shape, rng), test::random_tensor<double>(kv_shape, rng),
+             test::random_tensor<double>(kv_shape, rng), test::random_tensor<double>(q_shape, rng)};
+  round_to_bf16(pr.q);
+  round_to_bf16(pr.k);
+  round_to_bf16(pr.v);
+  round_to_bf16(pr.d_o);
+  const dash::detail::AttentionMask mask{.window = c.window, .sinks = c.sinks};
+  pr.o = Tensor<double>(q_shape);
+  pr.lse = Tensor<double>(Shape{c.batch, c.heads(), c.length});
+  eigen::masked_attention_forward<double>(pr.q, pr.k, pr.v, pr.o, pr.lse, mask);
+  round_to_bf16(pr.o);
+  for (double& x : pr.lse.flat()) x = double(float(x));
+  pr.dq = Tensor<double>(q_shape, 0.0);
+  pr.dk = Tensor<double>(kv_shape, 0.0);
+  pr.dv = Tensor<double>(kv_shape, 0.0);
+  eigen::masked_attention_backward<double>(pr.q, pr.k, pr.v, pr.o, pr.lse.view(), pr.d_o, pr.dq, pr.dk, pr.dv, mask);
+  return pr;
+}
+
+// Several [B, T, h_i, D] tensors side by side along the head axis of one device buffer
+// [B, T, Σ h_i, D] (one tensor alone: a contiguous layout; q, k, v together: a fused QKV
+// projection's output).
+struct Packed {
+  cuda::DeviceTensor<cuda::bfloat16> data;
+  std::vector<index_t> first_head;
+  index_t heads = 0, length = 0, d_head = 0;
+
+  cuda::bfloat16* member(std::size_t i) { return data.data() + first_head[i] * d_head; }
+  attn::Strides strides() const { return {length * heads * d_head, heads * d_head}; }
+};
+
+Packed pack(const std::vector<const Tensor<double>*>& members) {
+  Packed p;
+  const Tensor<double>& first = *members.front();
+  p.length = first.dim(1);
+  p.d_head = first.dim(3);
+  for (const Tensor<double>* m : members) {
+    p.first_head.push_back(p.heads);
+    p.heads += m->dim(2);
+  }
+  Tensor<double> host(Shape{first.dim(0), p.length, p.heads, p.d_head});
+  for (std::size_t i = 0; i < members.size(); ++i) {
+    const Tensor<double>& m = *members[i];
+    for (index_t b = 0; b < m.dim(0); ++b)
+      for (index_t t = 0; t < m.dim(1); ++t)
+        for (index_t h = 0; h < m.dim(2); ++h)
+          for (index_t d = 0; d < m.dim(3); ++d) host(b, t, p.first_head[i] + h, d) = m(b, t, h, d);
+  }
+  p.data = cuda::to_device_bf16(TensorView<const double>(host.view()));
+  return p;
+}
+
+Tensor<double> unpack(const Packed& p, std::size_t i, index_t heads) {
+  const Tensor<double> host = cuda::to_host_double(p.data);
+  Tensor<double> m(Shape{host.dim(0), p.length, heads, p.d_head});
+  for (index_t b = 0; b < m.dim(0); ++b)
+    for (index_t t = 0; t < m.dim(1); ++t)
+      for (index_t h = 0; h < heads; ++h)
+        for (index_t d = 0; d < p.d_head; ++d) m(b, t, h, d) = host(b, t, p.first_head[i] + h, d);
+  return m;
+}
+
+struct Options {
+  BackwardKernel kernel = BackwardKernel::automatic;
+  bool fused = false;       // q, k, v (and dq, dk, dv; o, d_o) as slices of one buffer
+  bool accumulate = false;  // outputs start from random values that the gradients add to
+};
+
+struct Gradients {
+  Tensor<double> dq, dk, dv;
+};
+
+Tensor<double> difference(const Tensor<double>& a, const Tensor<double>& b) {
+  Tensor<double> d(a.shape());
+  for (index_t i = 0; i < a.numel(); ++i) d.data()[i] = a.data()[i] - b.data()[i];
+  return d;
+}
+
+double rms(const Tensor<double>& t) {
+  double s = 0;
+  for (double x : t.flat()) s += x * x;
+  return std::sqrt(s / double(std::max<index_t>(1, t.numel())));
+}
+
+// The gradients the kernel computes (what it adds, when accumulating).
+Gradients run_device(const Problem& pr, const Options& opt, Rng& rng) {
+  const Case& c = pr.c;
+  std::vector<Packed> inputs, stats, outputs;
+  if (opt.fused) {
+    inputs.push_back(pack({&pr.q, &pr.k, &pr.v}));
+    stats.push_back(pack({&pr.o, &pr.d_o}));
+  } else {
+    for (const Tensor<double>* t : {&pr.q, &pr.k, &pr.v}) inputs.push_back(pack({t}));
+    for (const Tensor<double>* t : {&pr.o, &pr.d_o}) stats.push_back(pack({t}));
+  }
+  // Starting values of the outputs: NaN, or random values of the gradients' own size.
+  const Shape q_shape = pr.q.shape(), kv_shape = pr.k.shape();
+  Tensor<double> start_q(q_shape, 0.0), start_k(kv_shape, 0.0), start_v(kv_shape, 0.0);
+  if (opt.accumulate) {
+    start_q = test::random_tensor<double>(q_shape, rng, std::max(rms(pr.dq), 1e-3));
+    start_k = test::random_tensor<double>(kv_shape, rng, std::max(rms(pr.dk), 1e-3));
+    start_v = test::random_tensor<double>(kv_shape, rng, std::max(rms(pr.dv), 1e-3));
+    round_to_bf16(start_q);
+    round_to_bf16(start_k);
+    round_to_bf16(start_v);
+  }
+  if (opt.fused)
+    outputs.push_back(pack({&start_q, &start_k, &start_v}));
+  else
+    for (const Tensor<double>* t : {&start_q, &start_k, &start_v}) outputs.push_back(pack({t}));
+  if (!opt.accumulate)
+    for (Packed& o : outputs) test::poison(o.data);
+
+  const auto slot = [&](std::vector<Packed>& v, std::size_t i) -> std::pair<Packed*, std::size_t> {
+    return opt.fused ? std::pair{&v[0], i} : std::pair{&v[i], std::size_t(0)};
+  };
+  const auto [q, qi] = slot(inputs, 0);
+  const auto [k, ki] = slot(inputs, 1);
+  const auto [v, vi] = slot(inputs, 2);
+  const auto [o, oi] = slot(stats, 0);
+  const auto [g, gi] = slot(stats, 1);
+  const auto [dq, dqi] = slot(outputs, 0);
+  const auto [dk, dki] = slot(outputs, 1);
+  const auto [dv, dvi] = slot(outputs, 2);
+
+  Tensor<float> lse32(pr.lse.shape());
+  for (index_t i = 0; i < lse32.numel(); ++i) lse32.data()[i] = float(pr.lse.data()[i]);
+  const auto lse = cuda::DeviceTensor<float>::from_host(lse32.view());
+
+  attn::BackwardParams p;
+  p.q = q->member(qi);
+  p.k = k->member(ki);
+  p.v = v->member(vi);
+  p.o = o->member(oi);
+  p.d_o = g->member(gi);
+  p.lse = const_cast<float*>(lse.data());
+  p.dq = dq->member(dqi);
+  p.dk = dk->member(dki);
+  p.dv = dv->member(dvi);
+  p.q_strides = q->strides();
+  p.k_strides = k->strides();
+  p.v_strides = v->strides();
+  p.o_strides = o->strides();
+  p.d_o_strides = g->strides();
+  p.dq_strides = dq->strides();
+  p.dk_strides = dk->strides();
+  p.dv_strides = dv->strides();
+  p.batch = int(c.batch);
+  p.length = int(c.length);
+  p.n_heads = int(c.heads());
+  p.n_kv_heads = int(c.kv_heads);
+  p.d_head = int(c.d_head);
+  p.scale = float(1.0 / std::sqrt(double(c.d_head)));
+  p.mask = {.window = c.window, .sinks = c.sinks};
+  p.accumulate = opt.accumulate;
+
+  const std::size_t bytes = attn::backward_workspace_bytes(p);
+  cuda::DeviceTensor<unsigned char> workspace(Shape{index_t(bytes)});
+  test::poison(workspace);  // the kernels must initialise what they read back
+  attn::backward(p, workspace.data(), bytes, nullptr, opt.kernel);
+  cuda::check(cudaDeviceSynchronize(), "attention backward");
+
+  Gradients got{unpack(*dq, dqi, c.heads()), unpack(*dk, dki, c.kv_heads), unpack(*dv, dvi, c.kv_heads)};
+  if (opt.accumulate) {
+    got.dq = difference(got.dq, start_q);
+    got.dk = difference(got.dk, start_k);
+    got.dv = difference(got.dv, start_v);
+  }
+  return got;
+}
+
+// ‖got − want‖ / ‖want‖, where ‖want‖ is floored at 1e-2 of dv's size per element: with
+// W = 1 and no sinks every p is 1 and o = v, so dq and dk vanish and only the rounding of
+// dO·v − D remains.
+double gradient_error(const Tensor<double>& got, const Tensor<double>& want, const Tensor<double>& dv) {
+  double diff = 0, norm = 0;
+  for (index_t i = 0; i < got.numel(); ++i) {
+    const double a = got.data()[i], b = want.data()[i];
+    if (!std::isfinite(a)) return std::numeric_limits<double>::infinity();
+    diff += (a - b) * (a - b);
+    norm += b * b;
+  }
+  const double floor = 1e-2 * rms(dv) * std::sqrt(double(want.numel()));
+  return std::sqrt(diff) / std::max(std::sqrt(norm), floor);
+}
+
+struct Worst {
+  double dq = 0, dk = 0, dv = 0;
+};
+
+void check_against_reference(const Problem& pr, const Options& opt, Rng& rng, Worst& worst) {
+  const Gradients got = run_device(pr, opt, rng);
+  const double eq = gradient_error(got.dq, pr.dq, pr.dv), ek = gradient_error(got.dk, pr.dk, pr.dv),
+               ev = gradient_error(got.dv, pr.dv, pr.dv);
+  INFO(pr.c.name(), (opt.fused ? " fused" : ""), (opt.accumulate ? " accumulate" : ""));
+  CHECK(eq <= test::bf16_tolerance);
+  CHECK(ek <= test::bf16_tolerance);
+  CHECK(ev <= test::bf16_tolerance);
+  worst.dq = std::max(worst.dq, eq);
+  worst.dk = std::max(worst.dk, ek);
+  worst.dv = std::max(worst.dv, ev);
+}
+
+const char* kernel_name(BackwardKernel k) {
+  return k == BackwardKernel::wgmma ? "wgmma" : k == BackwardKernel::mma_sync ? "mma_sync" : "automatic";
+}
+
+void report(const char* what, BackwardKernel k, const Worst& w) {
+  std::printf("%s [%s]: worst relative L2 dq %.2e, dk %.2e, dv %.2e\n", what, kernel_name(k), w.dq, w.dk, w.dv);
+}
+
+bool device_is_hopper() {
+  int device = 0, major = 0;
+  cuda::check(cudaGetDevice(&device), "cudaGetDevice");
+  cuda::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
+  return major == 9;
+}
+
+// The kernels this device runs: mma.sync everywhere, wgmma on sm_90.
+std::vector<BackwardKernel> kernels() {
+  std::vector<BackwardKernel> k{BackwardKernel::mma_sync};
+  if (device_is_hopper()) k.push_back(BackwardKernel::wgmma);
+  return k;
+}
+
+// Fixed shapes around both kernels' tiles (64 and 128 keys, 32 and 64 queries), plus one
+// drawn per run: odd T, T below and above the tiles, GQA groups 1, 3 and 8, d_head 8, 40,
+// 64, 128 and an odd one, windows of 1, below a tile, above a tile and = T, sinks within
+// and beyond a tile.
+std::vector<Case> reference_cases(Rng& rng) {
+  std::vector<Case> cases{
+      {1, 1, 1, 1, 8},
+      {2, 7, 1, 3, 40},
+      {1, 63, 2, 1, 64},
+      {1, 64, 1, 1, 128},
+      {1, 65, 1, 8, 128},
+      {2, 130, 1, 3, 64, 1, 0},
+      {1, 200, 2, 1, 128, 17, 0},
+      {1, 257, 1, 3, 8, 64, 4},
+      {1, 130, 1, 1, 40, 130, 0},
+      {1, 300, 1, 8, 64, 100, 70},
+      {1, 129, 2, 3, 128, 1, 1},
+      {2, 513, 1, 1, 128},
+      {1, 333, 1, 1, 3, 50, 0},
+  };
+  const index_t groups[] = {1, 3, 8};
+  const index_t length = index_t(1 + rng.below(600));
+  const std::int64_t window = rng.below(2) ? no_window : std::int64_t(1 + rng.below(std::uint64_t(length) + 10));
+  cases.push_back({index_t(1 + rng.below(2)), length, index_t(1 + rng.below(2)), groups[rng.below(3)],
+                   index_t(1 + rng.below(128)), window, std::int64_t(rng.below(3))});
+  return cases;
+}
+
+}  // namespace
+
+TEST_CASE("attention backward matches the float64 reference") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("attention backward reference");
+  std::vector<Problem> problems;
+  for (const Case& c : reference_cases(rng)) problems.push_back(make_problem(c, rng));
+  for (BackwardKernel kernel : kernels()) {
+    Worst worst;
+    for (const Problem& pr : problems) check_against_reference(pr, {.kernel = kernel}, rng, worst);
+    report("reference", kernel, worst);
+  }
+}
+
+TEST_CASE("attention backward adds into dq, dk and dv when accumulating") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("attention backward accumulate");
+  const std::vector<Case> cases{{1, 65, 1, 3, 64}, {2, 130, 2, 1, 128, 40, 2}, {1, 77, 1, 8, 8, 9, 0}};
+  for (BackwardKernel kernel : kernels()) {
+    Worst worst;
+    for (const Case& c : cases)
+      check_against_reference(make_problem(c, rng), {.kernel = kernel, .accumulate = true}, rng, worst);
+    report("accumulate", kernel, worst);
+  }
+}
+
+TEST_CASE("attention backward reads and writes strided slices of fused buffers") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("attention backward fused");
+  const std::vector<Case> cases{{2, 97, 1, 3, 64}, {1, 150, 2, 1, 128, 70, 3}, {1, 40, 1, 8, 40}, {1, 33, 1, 3, 5}};
+  for (BackwardKernel kernel : kernels()) {
+    Worst worst;
+    for (const Case& c : cases) {
+      const Problem pr = make_problem(c, rng);
+      check_against_reference(pr, {.kernel = kernel, .fused = true}, rng, worst);
+      check_against_reference(pr, {.kernel = kernel, .fused = true, .accumulate = true}, rng, worst);
+    }
+    report("fused", kernel, worst);
+  }
+}
+
+TEST_CASE("attention backward: a window of at least T is causal attention") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("attention backward window");
+  for (BackwardKernel kernel : kernels())
+    for (const Case& causal : {Case{1, 190, 1, 3, 64}, Case{2, 129, 2, 1, 128}}) {
+      const Problem pr = make_problem(causal, rng);
+      const Gradients want = run_device(pr, {.kernel = kernel}, rng);
+      for (const std::int64_t window : {std::int64_t(causal.length), std::int64_t(causal.length) + 17}) {
+        Problem windowed = pr;
+        windowed.c.window = window;
+        const Gradients got = run_device(windowed, {.kernel = kernel}, rng);
+        INFO(kernel_name(kernel), " ", windowed.c.name());
+        // dk and dv are written once per key tile; dq sums tiles with atomics, in any order.
+        CHECK(test::relative_difference(got.dk, want.dk) == 0);
+        CHECK(test::relative_difference(got.dv, want.dv) == 0);
+        CHECK(test::relative_l2(got.dq, want.dq) <= 1e-3);
+      }
+    }
+}
+
+TEST_CASE("attention backward: GQA equals MHA on repeated k and v heads") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("attention backward gqa");
+  for (BackwardKernel kernel : kernels())
+    for (const Case& gqa : {Case{1, 150, 2, 3, 64, 50, 2}, Case{1, 70, 1, 8, 128}}) {
+      const Problem grouped = make_problem(gqa, rng);
+      Problem repeated = grouped;
+      repeated.c.kv_heads = gqa.heads();
+      repeated.c.group = 1;
+      repeated.k = test::attention::repeat_heads(grouped.k, gqa.group);
+      repeated.v = test::attention::repeat_heads(grouped.v, gqa.group);
+      const Gradients g = run_device(grouped, {.kernel = kernel}, rng);
+      const Gradients r = run_device(repeated, {.kernel = kernel}, rng);
+      INFO(kernel_name(kernel), " ", gqa.name());
+      CHECK(test::relative_l2(g.dq, r.dq) <= 1e-3);
+      CHECK(test::relative_l2(g.dk, test::attention::sum_groups(r.dk, gqa.group)) <= test::bf16_tolerance);
+      CHECK(test::relative_l2(g.dv, test::attention::sum_groups(r.dv, gqa.group)) <= test::bf16_tolerance);
+    }
+}
+
+// Small enough for compute-sanitizer (memcheck, racecheck): every path once.
+TEST_CASE("attention backward on small shapes") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("attention backward small");
+  for (BackwardKernel kernel : kernels()) {
+    Worst worst;
+    const Problem a = make_problem({1, 70, 1, 3, 64, 20, 2}, rng), b = make_problem({1, 9, 1, 1, 5}, rng);
+    check_against_reference(a, {.kernel = kernel}, rng, worst);
+    check_against_reference(a, {.kernel = kernel, .fused = true, .accumulate = true}, rng, worst);
+    check_against_reference(b, {.kernel = kernel}, rng, worst);
+    report("small", kernel, worst);
+  }
+}
+
+// Bad input: each refused with a dash::Error before any CUDA call, so these need no device.
+namespace {
+
+cuda::bfloat16 dummy_elements[16];
+float dummy_lse[16];
+
+attn::BackwardParams valid_params() {
+  attn::BackwardParams p;
+  p.q = p.k = p.v = p.d_o = dummy_elements;
+  p.o = p.dq = p.dk = p.dv = dummy_elements;
+  p.lse = dummy_lse;
+  p.batch = 2;
+  p.length = 8;
+  p.n_heads = 4;
+  p.n_kv_heads = 2;
+  p.d_head = 16;
+  p.scale = 0.25f;
+  p.q_strides = p.o_strides = p.d_o_strides = p.dq_strides = {8 * 4 * 16, 4 * 16};
+  p.k_strides = p.v_strides = p.dk_strides = p.dv_strides = {8 * 2 * 16, 2 * 16};
+  return p;
+}
+
+std::string backward_error(const attn::BackwardParams& p, std::size_t workspace_bytes = std::size_t(1) << 30) {
+  alignas(256) static unsigned char workspace[256];
+  return test::error_of([&] { attn::backward(p, workspace, workspace_bytes, nullptr); });
+}
+
+}  // namespace
+
+TEST_CASE("attention backward refuses null inputs") {
+  auto p = valid_params();
+  p.k = nullptr;
+  CHECK(test::contains(backward_error(p), "q, k and v must not be null"));
+}
+
+TEST_CASE("attention backward refuses a null lse") {
+  auto p = valid_params();
+  p.lse = nullptr;
+  CHECK(test::contains(backward_error(p), "o and lse"));
+}
+
+TEST_CASE("attention backward refuses a null d_o") {
+  auto p = valid_params();
+  p.d_o = nullptr;
+  CHECK(test::contains(backward_error(p), "d_o must not be null"));
+}
+
+TEST_CASE("attention backward refuses null outputs") {
+  auto p = valid_params();
+  p.dv = nullptr;
+  CHECK(test::contains(backward_error(p), "dq, dk and dv must not be null"));
+}
+
+TEST_CASE("attention backward refuses query heads that are not a multiple of the kv heads") {
+  auto p = valid_params();
+  p.n_heads = 3;
+  CHECK(test::contains(backward_error(p), "n_heads = 3"));
+}
+
+TEST_CASE("attention backward refuses a window below 1") {
+  auto p = valid_params();
+  p.mask.window = 0;
+  CHECK(test::contains(backward_error(p), "mask.window = 0"));
+}
+
+TEST_CASE("attention backward refuses negative sinks") {
+  auto p = valid_params();
+  p.mask.sinks = -1;
+  CHECK(test::contains(backward_error(p), "mask.sinks = -1"));
+}
+
+TEST_CASE("attention backward refuses d_head outside 1..128") {
+  auto p = valid_params();
+  p.d_head = 129;
+  CHECK(test::contains(backward_error(p), "d_head = 129"));
+  p.d_head = 0;
+  CHECK(test::contains(backward_error(p), "d_head = 0"));
+}
+
+TEST_CASE("attention backward refuses an empty sequence") {
+  auto p = valid_params();
+  p.length = 0;
+  CHECK(test::contains(backward_error(p), "length = 0"));
+}
+
+TEST_CASE("attention backward refuses a scale that is not positive") {
+  auto p = valid_params();
+  p.scale = 0;
+  CHECK(test::contains(backward_error(p), "scale = 0"));
+}
+
+TEST_CASE("attention backward refuses overlapping token rows") {
+  auto p = valid_params();
+  p.dk_strides.token = 16;
+  CHECK(test::contains(backward_error(p), "dk_strides.token = 16"));
+}
+
+TEST_CASE("attention backward refuses overlapping sequences") {
+  auto p = valid_params();
+  p.q_strides.batch = 0;
+  CHECK(test::contains(backward_error(p), "q_strides.batch = 0"));
+}
+
+TEST_CASE("attention backward refuses a null workspace") {
+  const auto p = valid_params();
+  CHECK(test::contains(test::error_of([&] { attn::backward(p, nullptr, 1 << 20, nullptr); }), "workspace is null"));
+}
+
+TEST_CASE("attention backward refuses a workspace that is too small") {
+  const auto p = valid_params();
+  const std::size_t needed = attn::backward_workspace_bytes(p);
+  CHECK(test::contains(backward_error(p, needed - 1), "backward_workspace_bytes"));
+}
+
+TEST_CASE("attention backward refuses a misaligned workspace") {
+  const auto p = valid_params();
+  alignas(256) static unsigned char workspace[512];
+  CHECK(test::contains(test::error_of([&] { attn::backward(p, workspace + 4, 1 << 20, nullptr); }),
+                       "not 256-byte aligned"));
+}
+
+TEST_CASE("attention backward workspace size refuses bad sizes") {
+  auto p = valid_params();
+  p.n_kv_heads = 0;
+  CHECK(test::contains(test::error_of([&] { (void)attn::backward_workspace_bytes(p); }), "n_kv_heads = 0"));
+}
