@@ -309,25 +309,19 @@ def main():
     parser.add_argument("--command", default=" ".join(sys.argv), help="the command to record")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--only", default="attention,gla,gdn", help="comma-separated case groups")
+    parser.add_argument("--only", default="attention,gdn,gla", help="comma-separated case groups")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     dash = Dash(args.lib)
     rec = Recorder()
-    groups = set(args.only.split(","))
+    groups = args.only.split(",")
     fla = None
     try:
         import fla as fla_module
         fla = fla_module
     except ImportError as exc:
         print(f"flash-linear-attention not importable ({exc}); linear-op peers skipped", file=sys.stderr)
-    if "attention" in groups:
-        attention_cases(dash, rec, args)
-    if "gla" in groups and fla:
-        gla_cases(dash, rec, args, fla)
-    if "gdn" in groups and fla:
-        gdn_cases(dash, rec, args, fla)
 
     commit = args.commit
     if commit is None:
@@ -348,8 +342,14 @@ def main():
         "command": args.command,
         "records": rec.records,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    cases = {"attention": lambda: attention_cases(dash, rec, args),
+             "gla": lambda: gla_cases(dash, rec, args, fla) if fla else None,
+             "gdn": lambda: gdn_cases(dash, rec, args, fla) if fla else None}
+    # Written after every group, so that a run cut short keeps what it measured.
+    for group in groups:
+        cases[group]()
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
 
 
