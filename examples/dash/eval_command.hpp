@@ -89,6 +89,10 @@ inline int run_eval(Workspace& ws) {
   load_prepared(ws);
   const std::vector<int> searched = ops_from_arch_json(ws, read_json(ws.arch_path(), "dash search"));
   const search::CostTable costs = ws.costs();
+  // KV-cache and state bytes whatever the budget counts, so that results under every budget
+  // share one cost axis.
+  const search::CostTable kv_costs =
+      cost_table(ws.decoder, ws.ops, search::Budget{search::CostKind::kv_bytes, 1}, ws.context);
   const SearchModel model = ws.model();
   const index_t T = ws.seq_len;
   const auto held_windows = consecutive_windows(ws.corpus.held_out, T, 1, ws.args.eval_tokens);
@@ -181,6 +185,7 @@ inline int run_eval(Workspace& ws) {
                                   {"ops", layer_list(ws.ops, m.ops)},
                                   {"softmax_layers", std::count(m.ops.begin(), m.ops.end(), softmax_op)},
                                   {"cost_fraction", m.cost_fraction},
+                                  {"kv_fraction", kv_costs.total(m.ops) / kv_costs.reference},
                                   {"kl", m.quality.kl},
                                   {"nll", m.quality.nll},
                                   {"ppl", std::exp(m.quality.nll)},
