@@ -27,6 +27,8 @@
 #include <cub/block/block_reduce.cuh>
 
 #include "dash/core/cuda.hpp"
+#include "dash/core/cuda/shared.cuh"
+#include "dash/core/cuda/tma.cuh"
 #include "dash/core/dtype.hpp"
 #include "dash/core/error.hpp"
 #include "dash/model/cuda/gemm.cuh"
@@ -140,49 +142,6 @@ struct RowLossParams {
   const int* grad_divisor = nullptr;  // when given, the gradient is divided by *grad_divisor instead
 };
 
-// One-dimensional bulk copies (TMA) from global into this block's shared memory, each
-// completing an mbarrier: a block puts its whole slice in flight at once instead of a few
-// loads per thread, and starts on the first piece while the others are still arriving.
-namespace bulk {
-
-__device__ __forceinline__ std::uint32_t shared_address(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void init(std::uint64_t* barrier) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(barrier)) : "memory");
-}
-
-// Makes initialised barriers visible to the copy engine.
-__device__ __forceinline__ void fence_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-
-__device__ __forceinline__ void expect_bytes(std::uint64_t* barrier, std::uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes)
-               : "memory");
-}
-
-// bytes: a multiple of 16; both addresses 16-byte aligned.
-__device__ __forceinline__ void copy(void* shared, const void* global, std::uint32_t bytes, std::uint64_t* barrier) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   shared_address(shared)),
-               "l"(global), "r"(bytes), "r"(shared_address(barrier))
-               : "memory");
-}
-
-// Waits for the barrier's first phase: its expected bytes have landed.
-__device__ __forceinline__ void wait(std::uint64_t* barrier) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "waiting:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
-      "@!done bra waiting;\n"
-      "}\n" ::"r"(shared_address(barrier))
-      : "memory");
-}
-
-}  // namespace bulk
-
 inline constexpr int load_pieces = 4;
 
 // One cluster per row; block `rank` of it owns vocabulary entries [rank·slice, (rank+1)·slice).
@@ -208,25 +167,31 @@ __global__ void __launch_bounds__(loss_threads) logit_rows_kernel(RowLossParams 
   const int span = min(lo + p.slice, (p.vocab + 3) / 4 * 4) - lo;
   const int piece = (span / 4 + load_pieces - 1) / load_pieces * 4;
   const int pieces = (span + piece - 1) / piece;
+  // One-dimensional bulk copies (TMA), each piece completing its mbarrier: the block puts its
+  // whole slice in flight at once instead of a few loads per thread, and starts on the first
+  // piece while the others are still arriving.
   __shared__ alignas(8) std::uint64_t arrived[load_pieces];
+  const auto barrier = [&](int k) { return ptx::shared_address(&arrived[k]); };
   if (threadIdx.x == 0) {
-    for (int k = 0; k < pieces; ++k) bulk::init(&arrived[k]);
-    bulk::fence_init();
+    for (int k = 0; k < pieces; ++k) ptx::mbarrier_init(barrier(k), 1);
+    ptx::mbarrier_init_fence();
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int k = 0; k < pieces; ++k) {
       const int begin = k * piece, bytes = min(piece, span - begin) * int(sizeof(float));
-      bulk::expect_bytes(&arrived[k], std::uint32_t(kl ? 2 * bytes : bytes));
-      bulk::copy(student_slice + begin, p.student + row * p.ld + lo + begin, std::uint32_t(bytes), &arrived[k]);
+      ptx::mbarrier_arrive_expect_tx(barrier(k), std::uint32_t(kl ? 2 * bytes : bytes));
+      ptx::bulk_copy_to_shared(ptx::shared_address(student_slice + begin), p.student + row * p.ld + lo + begin,
+                               std::uint32_t(bytes), barrier(k));
       if constexpr (kl)
-        bulk::copy(teacher_slice + begin, p.teacher + row * p.ld + lo + begin, std::uint32_t(bytes), &arrived[k]);
+        ptx::bulk_copy_to_shared(ptx::shared_address(teacher_slice + begin), p.teacher + row * p.ld + lo + begin,
+                                 std::uint32_t(bytes), barrier(k));
     }
   }
 
   SoftmaxStats stats{-INFINITY, 0, 0, -INFINITY, 0};
   for (int k = 0; k < pieces; ++k) {
-    bulk::wait(&arrived[k]);
+    ptx::mbarrier_wait(barrier(k), 0);  // the piece has landed
     const int end = min((k + 1) * piece, hi - lo);
     for (int j = k * piece + 4 * int(threadIdx.x); j < end; j += 4 * loss_threads) {
       const int valid = min(4, end - j);

@@ -66,8 +66,9 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_local_gradie
   bfloat16* q_scaled = sm.qq + chunk * pitch(Dp);
 
   load_tile_async<chunk, Dp, threads>(sm.k, p.k_hat + row0 * Dp, Dp);
-  if (threadIdx.x < chunk / 4) copy_async_16(&sm.g2[threadIdx.x * 4], p.g_cum + row0 + threadIdx.x * 4, true);
-  commit_async();
+  if (threadIdx.x < chunk / 4)
+    ptx::cp_async_16(ptx::shared_address(&sm.g2[threadIdx.x * 4]), p.g_cum + row0 + threadIdx.x * 4);
+  ptx::cp_async_commit();
 
   Fragments<chunk, Dp, warps> dw;
   Fragments<Dp, Dp, warps> y;
@@ -77,8 +78,8 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_local_gradie
     const std::int64_t raw = raw_offset(p, b, t0, h, p.H);
     load_rows<chunk, Dp, threads>(q, p.q + raw, ld, 0, n, p.D, p.vector);
     load_rows<chunk, Dp, threads>(sm.d_o, p.d_o + raw, ld, 0, n, p.D, p.vector);
-    commit_async();
-    wait_async<0>();
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
     __syncthreads();
     normalize_rows<chunk, Dp, warps>(q, p.eps, nullptr, q_scaled,
                                      [&](int i) { return p.scale * exp2f(sm.g2[i]); });
@@ -137,9 +138,10 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_state_grad
       load_tile_async<chunk, Dp, threads>(sm.w[buf], p.w + row0 * Dp, Dp);
       load_tile_async<chunk, bv, threads>(sm.dw_local[buf], p.dw_local + row0 * Dp + v0, Dp);
       load_tile_async<Dp, bv, threads>(sm.y[buf], p.y_local + (head * p.n_chunks + c) * Dp * Dp + v0, Dp);
-      if (threadIdx.x < chunk / 4) copy_async_16(&sm.g2[buf][threadIdx.x * 4], p.g_cum + row0 + threadIdx.x * 4, true);
+      if (threadIdx.x < chunk / 4)
+        ptx::cp_async_16(ptx::shared_address(&sm.g2[buf][threadIdx.x * 4]), p.g_cum + row0 + threadIdx.x * 4);
     }
-    commit_async();
+    ptx::cp_async_commit();
   };
 
   Fragments<Dp, bv, warps> dS;
@@ -152,7 +154,7 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_state_grad
     const int c = p.n_chunks - 1 - step, buf = step % stages;
     fetch(step + stages - 1);
     dS.store(sm.ds, pitch(bv));
-    wait_async<stages - 1>();
+    ptx::cp_async_wait<stages - 1>();
     __syncthreads();
     const std::int64_t row0 = head * p.padded_T + std::int64_t(c) * chunk;
     store_tile<Dp, bv, threads>(p.d_states + (head * p.n_chunks + c) * Dp * Dp + v0, Dp, sm.ds);
@@ -254,7 +256,7 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
   load_tile_async<Dp, Dp, threads>(sm.s0, p.states + checkpoint, Dp);
   load_tile_async<Dp, Dp, threads>(sm.ds, p.d_states + checkpoint, Dp);
   load_rows<chunk, Dp, threads>(v, p.v + raw_s, ld_s, 0, n, p.D, p.vector);
-  commit_async();
+  ptx::cp_async_commit();
   if (tid < chunk) {
     sm.g2[tid] = p.g_cum[row0 + tid];
     sm.k_inv[tid] = p.k_inv[row0 + tid];
@@ -270,7 +272,7 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
       t_hi[at] = hi, t_lo[at] = __float2bfloat16(x - __bfloat162float(hi));
     }
   }
-  wait_async<0>();
+  ptx::cp_async_wait<0>();
   __syncthreads();
   if (tid < chunk) {
     sm.gamma[tid] = exp2f(sm.g2[tid]);
@@ -346,8 +348,8 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
     const std::int64_t raw_h = raw_offset(p, b, t0, h, p.H);
     load_rows<chunk, Dp, threads>(q, p.q + raw_h, ld_h, 0, n, p.D, p.vector);
     load_rows<chunk, Dp, threads>(d_o, p.d_o + raw_h, ld_h, 0, n, p.D, p.vector);
-    commit_async();
-    wait_async<0>();
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
     __syncthreads();
     normalize_rows<chunk, Dp, warps>(q, p.eps, sm.q_inv);
     __syncthreads();

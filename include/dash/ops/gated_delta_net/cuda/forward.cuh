@@ -127,13 +127,13 @@ __global__ void __launch_bounds__(256, 3) prepare_chunks(const Params p) {
   const std::int64_t raw = raw_offset(p, b, t0, s, p.Hs), ld = std::int64_t(p.Hs) * p.D;
   load_rows<chunk, Dp, threads>(sm.k, p.k + raw, ld, 0, n, p.D, p.vector);
   load_rows<chunk, Dp, threads>(sm.v, p.v + raw, ld, 0, n, p.D, p.vector);
-  commit_async();
+  ptx::cp_async_commit();
   if (tid < chunk) {
     const std::int64_t at = (std::int64_t(b) * p.T + t0 + tid) * p.Hs + s;
     sm.g2[tid] = tid < n ? p.g[at] : 0.f;
     sm.beta[tid] = tid < n ? p.beta[at] : 0.f;
   }
-  wait_async<0>();
+  ptx::cp_async_wait<0>();
   __syncthreads();
   normalize_rows<chunk, Dp, warps>(sm.k, p.eps, sm.k_inv);
   if (tid < 32) {
@@ -230,9 +230,10 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_states(con
       load_tile_async<chunk, Dp, threads>(sm.k[buf], p.k_hat + row0 * Dp, Dp);
       load_tile_async<chunk, Dp, threads>(sm.w[buf], p.w + row0 * Dp, Dp);
       load_tile_async<chunk, bv, threads>(sm.u[buf], p.u + row0 * Dp + v0, Dp);
-      if (threadIdx.x < chunk / 4) copy_async_16(&sm.g2[buf][threadIdx.x * 4], p.g_cum + row0 + threadIdx.x * 4, true);
+      if (threadIdx.x < chunk / 4)
+        ptx::cp_async_16(ptx::shared_address(&sm.g2[buf][threadIdx.x * 4]), p.g_cum + row0 + threadIdx.x * 4);
     }
-    commit_async();
+    ptx::cp_async_commit();
   };
 
   Fragments<Dp, bv, warps> S;
@@ -245,7 +246,7 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_states(con
     const int buf = c % stages;
     fetch(c + stages - 1);
     S.store(sm.s, pitch(bv));
-    wait_async<stages - 1>();
+    ptx::cp_async_wait<stages - 1>();
     __syncthreads();
     const std::int64_t row0 = head * p.padded_T + std::int64_t(c) * chunk;
     store_tile<Dp, bv, threads>(p.states + (head * p.n_chunks + c) * Dp * Dp + v0, Dp, sm.s);
@@ -300,9 +301,10 @@ __global__ void __launch_bounds__(256) chunk_outputs(const Params p) {
   load_tile_async<chunk, Dp, threads>(sm.k, p.k_hat + row0 * Dp, Dp);
   load_tile_async<chunk, Dp, threads>(sm.w, p.v_new + row0 * Dp, Dp);
   load_tile_async<Dp, Dp, threads>(sm.s, p.states + (head * p.n_chunks + c) * Dp * Dp, Dp);
-  if (threadIdx.x < chunk / 4) copy_async_16(&sm.g2[threadIdx.x * 4], p.g_cum + row0 + threadIdx.x * 4, true);
-  commit_async();
-  wait_async<0>();
+  if (threadIdx.x < chunk / 4)
+    ptx::cp_async_16(ptx::shared_address(&sm.g2[threadIdx.x * 4]), p.g_cum + row0 + threadIdx.x * 4);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
   __syncthreads();
   normalize_rows<chunk, Dp, warps>(sm.q, p.eps, nullptr);
   __syncthreads();

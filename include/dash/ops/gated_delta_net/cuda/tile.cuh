@@ -16,6 +16,8 @@
 #include <cstdint>
 
 #include "dash/core/cuda.hpp"
+#include "dash/core/cuda/mma.cuh"
+#include "dash/core/cuda/shared.cuh"
 
 namespace dash::cuda::gdn::detail {
 
@@ -30,70 +32,17 @@ inline constexpr int square_pitch = chunk + 1;
 
 enum class Layout { row_major, col_major };
 
-__device__ __forceinline__ std::uint32_t shared_address(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-template <bool Transpose>
-__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const bfloat16* p) {
-  if constexpr (Transpose)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(p))
-                 : "memory");
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(p))
-                 : "memory");
-}
-
-template <bool Transpose>
-__device__ __forceinline__ void ldmatrix_x2(std::uint32_t (&r)[2], const bfloat16* p) {
-  if constexpr (Transpose)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(shared_address(p))
-                 : "memory");
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(shared_address(p))
-                 : "memory");
-}
-
-// d += a · b for one 16×8 fragment, depth 16, fp32 accumulation.
-__device__ __forceinline__ void mma(float (&d)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// 16 bytes global → shared without a register round trip; when !read the destination is
-// zero-filled and `global` (which must still be a valid address) is not read.
-__device__ __forceinline__ void copy_async_16(void* shared, const void* global, bool read) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
-               "r"(read ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most `Pending` of the committed groups are still in flight.
-template <int Pending>
-__device__ __forceinline__ void wait_async() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
-}
-
 // A fragment of A (16×16) at (m0, k0).
 template <Layout L>
 __device__ __forceinline__ void load_a(std::uint32_t (&a)[4], const bfloat16* base, int ld, int m0, int k0) {
   const int lane = threadIdx.x % 32;
   if constexpr (L == Layout::row_major) {
-    ldmatrix_x4<false>(a, base + (m0 + lane % 16) * ld + k0 + (lane / 16) * 8);
+    ptx::ldmatrix_x4(a, ptx::shared_address(base + (m0 + lane % 16) * ld + k0 + (lane / 16) * 8));
   } else {
     // The four 8×8 pieces (m 0-7 | 8-15) × (k 0-7 | 8-15), stored k-major, loaded transposed.
     const int piece = lane / 8;
-    ldmatrix_x4<true>(a, base + (k0 + (piece / 2) * 8 + lane % 8) * ld + m0 + (piece % 2) * 8);
+    ptx::ldmatrix_x4_trans(a,
+                           ptx::shared_address(base + (k0 + (piece / 2) * 8 + lane % 8) * ld + m0 + (piece % 2) * 8));
   }
 }
 
@@ -104,9 +53,10 @@ __device__ __forceinline__ void load_b_pair(std::uint32_t (&b0)[2], std::uint32_
   const int lane = threadIdx.x % 32, piece = lane / 8;
   std::uint32_t r[4];
   if constexpr (L == Layout::col_major)
-    ldmatrix_x4<false>(r, base + (n0 + (piece / 2) * 8 + lane % 8) * ld + k0 + (piece % 2) * 8);
+    ptx::ldmatrix_x4(r, ptx::shared_address(base + (n0 + (piece / 2) * 8 + lane % 8) * ld + k0 + (piece % 2) * 8));
   else
-    ldmatrix_x4<true>(r, base + (k0 + (piece % 2) * 8 + lane % 8) * ld + n0 + (piece / 2) * 8);
+    ptx::ldmatrix_x4_trans(r,
+                           ptx::shared_address(base + (k0 + (piece % 2) * 8 + lane % 8) * ld + n0 + (piece / 2) * 8));
   b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
 }
 
@@ -115,9 +65,9 @@ template <Layout L>
 __device__ __forceinline__ void load_b(std::uint32_t (&b)[2], const bfloat16* base, int ld, int k0, int n0) {
   const int lane = threadIdx.x % 32, piece = (lane / 8) % 2;
   if constexpr (L == Layout::col_major)
-    ldmatrix_x2<false>(b, base + (n0 + lane % 8) * ld + k0 + piece * 8);
+    ptx::ldmatrix_x2(b, ptx::shared_address(base + (n0 + lane % 8) * ld + k0 + piece * 8));
   else
-    ldmatrix_x2<true>(b, base + (k0 + piece * 8 + lane % 8) * ld + n0);
+    ptx::ldmatrix_x2_trans(b, ptx::shared_address(base + (k0 + piece * 8 + lane % 8) * ld + n0));
 }
 
 // How W warps split an M×N product.
@@ -243,7 +193,7 @@ __device__ __forceinline__ void mma_tile(Fragments<M, N, Warps>& acc, const bflo
 #pragma unroll
     for (int i = 0; i < F::mi; ++i)
 #pragma unroll
-      for (int j = 0; j < F::ni; ++j) mma(acc.x[i][j], af[i], bf[j]);
+      for (int j = 0; j < F::ni; ++j) ptx::mma_m16n8k16_bf16(acc.x[i][j], af[i], bf[j][0], bf[j][1]);
   }
 }
 
@@ -254,7 +204,7 @@ __device__ __forceinline__ void load_tile_async(bfloat16* tile, const bfloat16* 
   constexpr int per_row = Cols / 8;
   for (int e = threadIdx.x; e < Rows * per_row; e += Threads) {
     const int r = e / per_row, c = (e % per_row) * 8;
-    copy_async_16(tile + r * pitch(Cols) + c, src + r * ld + c, true);
+    ptx::cp_async_16(ptx::shared_address(tile + r * pitch(Cols) + c), src + r * ld + c);
   }
 }
 
@@ -269,7 +219,8 @@ __device__ __forceinline__ void load_rows(bfloat16* tile, const bfloat16* src, s
     for (int e = threadIdx.x; e < Rows * per_row; e += Threads) {
       const int r = e / per_row, c = (e % per_row) * 8;
       const bool inside = r < rows && col0 + c < D;
-      copy_async_16(tile + r * pitch(Cols) + c, inside ? src + r * ld + col0 + c : src, inside);
+      ptx::cp_async_16_or_zero(ptx::shared_address(tile + r * pitch(Cols) + c), inside ? src + r * ld + col0 + c : src,
+                               inside);
     }
   } else {
     for (int e = threadIdx.x; e < Rows * Cols; e += Threads) {

@@ -39,7 +39,9 @@
 #include <cstdint>
 
 #include "dash/core/cuda.hpp"
-#include "dash/ops/gated_linear/cuda/mma.cuh"
+#include "dash/core/cuda/mma.cuh"
+#include "dash/core/cuda/numeric.cuh"
+#include "dash/core/cuda/shared.cuh"
 
 namespace dash::cuda::gla::detail {
 
@@ -154,15 +156,15 @@ __device__ __forceinline__ void load_tile(const SweepBatch& p, const Rows<const 
       const unsigned i = threadIdx.x + k * Threads;
       if (total % Threads != 0 && i >= total) break;
       const int row = int(i / units), unit = int(i % units), t = t0 + row, col = col0 + unit * 8;
-      const std::uint32_t dst = shared_address(tile + tile_offset<row_bytes>(row, unit));
-      if (t < p.length && col < p.d_head) cp_async_16(dst, x[t] + col);
-      else st_shared_zero_16(dst);
+      const std::uint32_t dst = ptx::shared_address(tile + swizzled_row_offset<row_bytes>(row, unit));
+      if (t < p.length && col < p.d_head) ptx::cp_async_16(dst, x[t] + col);
+      else ptx::st_shared_zero_16(dst);
     }
   } else {
     for (unsigned i = threadIdx.x; i < unsigned(C * Width); i += Threads) {
       const int row = int(i / Width), c = int(i % Width), t = t0 + row, col = col0 + c;
       const bfloat16 value = t < p.length && col < p.d_head ? x[t][col] : __float2bfloat16(0.f);
-      *reinterpret_cast<bfloat16*>(tile + element_offset<row_bytes>(row, c)) = value;
+      *reinterpret_cast<bfloat16*>(tile + swizzled_element_offset<row_bytes>(row, c)) = value;
     }
   }
 }
@@ -218,10 +220,10 @@ __device__ void chunk_decays(const float (&g)[C / 32], bool reverse, float scale
   }
   if constexpr (per_lane % 2 == 0) {
 #pragma unroll
-    for (int e = 0; e < per_lane; e += 2) w_pairs[(lane * per_lane + e) / 2] = pack_bf16(w[e], w[e + 1]);
+    for (int e = 0; e < per_lane; e += 2) w_pairs[(lane * per_lane + e) / 2] = ptx::pack_bf16x2(w[e], w[e + 1]);
   } else {
     const float next = __shfl_down_sync(0xffffffffu, w[0], 1);
-    if (lane % 2 == 0) w_pairs[lane / 2] = pack_bf16(w[0], next);
+    if (lane % 2 == 0) w_pairs[lane / 2] = ptx::pack_bf16x2(w[0], next);
   }
   if (lane == 0) total[0] = expf(last), total[1] = last;
 }
@@ -250,7 +252,7 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
   char* const r_tile = smem + Shape::r_offset;
   char* const a_tile = smem + Shape::a_offset;
   float* const decay_buffers = reinterpret_cast<float*>(smem + Shape::decay_offset);
-  const std::uint32_t r_base = shared_address(r_tile), a_base = shared_address(a_tile);
+  const std::uint32_t r_base = ptx::shared_address(r_tile), a_base = ptx::shared_address(a_tile);
 
   const Rows<const bfloat16> x_rows = rows_of(p, s.x, b, h), y_rows = rows_of(p, s.y, b, h),
                              z_rows = rows_of(p, s.z, b, h);
@@ -285,9 +287,10 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
 #pragma unroll
       for (int j = 0; j < Shape::tn; ++j) {
         const int row = (wm * Shape::tm + i) * 16 + gq, col = (wn * Shape::tn + j) * 8 + 2 * tq;
-        *reinterpret_cast<std::uint32_t*>(r_tile + element_offset<z_row>(row, col)) = pack_bf16(R[i][j][0], R[i][j][1]);
-        *reinterpret_cast<std::uint32_t*>(r_tile + element_offset<z_row>(row + 8, col)) =
-            pack_bf16(R[i][j][2], R[i][j][3]);
+        *reinterpret_cast<std::uint32_t*>(r_tile + swizzled_element_offset<z_row>(row, col)) =
+            ptx::pack_bf16x2(R[i][j][0], R[i][j][1]);
+        *reinterpret_cast<std::uint32_t*>(r_tile + swizzled_element_offset<z_row>(row + 8, col)) =
+            ptx::pack_bf16x2(R[i][j][2], R[i][j][3]);
       }
   };
 
@@ -299,7 +302,7 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
     load_tile<BV, C, threads>(p, z_rows, t0, v_block * BV, stage + Shape::x_bytes + Shape::y_bytes);
   };
   load_chunk(chunk_at(0), smem);
-  cp_async_commit();
+  ptx::cp_async_commit();
   if (!states_only) store_r_tile();
   // Warp 0 computes each chunk's decay factors one chunk ahead, into the buffer of that chunk's
   // parity, from log decays it prefetched into registers one chunk before that.
@@ -318,13 +321,13 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
     char* const stage = smem + (step & 1) * Shape::stage_bytes;
     if (step + 1 < steps) {
       load_chunk(chunk_at(step + 1), smem + ((step + 1) & 1) * Shape::stage_bytes);
-      cp_async_commit();
-      cp_async_wait<1>();
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
     } else {
-      cp_async_wait<0>();
+      ptx::cp_async_wait<0>();
     }
     __syncthreads();
-    const std::uint32_t x_base = shared_address(stage);
+    const std::uint32_t x_base = ptx::shared_address(stage);
     const std::uint32_t y_base = x_base + Shape::x_bytes;
     const std::uint32_t z_base = y_base + Shape::y_bytes;
     const float* const decay = decay_buffers + (step & 1) * Shape::decay_floats;
@@ -350,41 +353,43 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
       const auto b_fragments = [&](std::uint32_t base, int kk, int n, auto&& use) {
         if constexpr (out_tiles >= 2) {
           std::uint32_t bf[4];
-          ldmatrix_x4_trans(bf, base + tile_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                          (col0 >> 3) + n + (lane >> 4)));
+          ptx::ldmatrix_x4_trans(bf, base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                                       (col0 >> 3) + n + (lane >> 4)));
           use(n, bf[0], bf[1]);
           use(n + 1, bf[2], bf[3]);
         } else {
           std::uint32_t bf[2];
-          ldmatrix_x2_trans(bf, base + tile_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                          (col0 >> 3) + n));
+          ptx::ldmatrix_x2_trans(bf, base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                                       (col0 >> 3) + n));
           use(n, bf[0], bf[1]);
         }
       };
 #pragma unroll
       for (int kk = 0; kk < DK / 16; ++kk) {
         std::uint32_t a[4];
-        ldmatrix_x4(a, x_base + tile_offset<x_row>(row0 + (lane & 15), 2 * kk + (lane >> 4)));
+        ptx::ldmatrix_x4(a, x_base + swizzled_row_offset<x_row>(row0 + (lane & 15), 2 * kk + (lane >> 4)));
         if (!masked) {
 #pragma unroll
           for (int n = 0; n < score_tiles; n += 2) {
             if constexpr (score_tiles >= 2) {
               if (hidden(n)) continue;
               std::uint32_t bf[4];
-              ldmatrix_x4(bf, y_base + tile_offset<x_row>(key0 + 8 * n + (lane & 7) + ((lane >> 4) << 3),
-                                                          2 * kk + ((lane >> 3) & 1)));
-              mma_bf16(scores[n], a, bf[0], bf[1]);
-              mma_bf16(scores[n + 1], a, bf[2], bf[3]);
+              ptx::ldmatrix_x4(bf, y_base + swizzled_row_offset<x_row>(key0 + 8 * n + (lane & 7) + ((lane >> 4) << 3),
+                                                                       2 * kk + ((lane >> 3) & 1)));
+              ptx::mma_m16n8k16_bf16(scores[n], a, bf[0], bf[1]);
+              ptx::mma_m16n8k16_bf16(scores[n + 1], a, bf[2], bf[3]);
             } else {
               std::uint32_t bf[2];
-              ldmatrix_x2(bf, y_base + tile_offset<x_row>(key0 + 8 * n + (lane & 7), 2 * kk + ((lane >> 3) & 1)));
-              mma_bf16(scores[n], a, bf[0], bf[1]);
+              ptx::ldmatrix_x2(bf, y_base + swizzled_row_offset<x_row>(key0 + 8 * n + (lane & 7),
+                                                                       2 * kk + ((lane >> 3) & 1)));
+              ptx::mma_m16n8k16_bf16(scores[n], a, bf[0], bf[1]);
             }
           }
         }
 #pragma unroll
         for (int n = 0; n < out_tiles; n += 2)
-          b_fragments(r_base, kk, n, [&](int nt, std::uint32_t b0, std::uint32_t b1) { mma_bf16(out[nt], a, b0, b1); });
+          b_fragments(r_base, kk, n,
+                      [&](int nt, std::uint32_t b0, std::uint32_t b1) { ptx::mma_m16n8k16_bf16(out[nt], a, b0, b1); });
       }
       if (!masked) {
         const float row_b2[2] = {decay_b2[row0 + gq], decay_b2[row0 + gq + 8]};
@@ -400,9 +405,10 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
             for (int e = 0; e < 2; ++e) {
               const bool visible = reverse ? j + e >= i : j + e <= i;
               const float exponent = reverse ? key_b2[e] - row_b2[half] : row_b2[half] - key_b2[e];
-              value[e] = visible ? scores[n][2 * half + e] * p.scale * exp2_approx(exponent) : 0.f;
+              value[e] = visible ? scores[n][2 * half + e] * p.scale * ptx::fast_exp2(exponent) : 0.f;
             }
-            *reinterpret_cast<std::uint32_t*>(a_tile + element_offset<a_row>(i, j)) = pack_bf16(value[0], value[1]);
+            *reinterpret_cast<std::uint32_t*>(a_tile + swizzled_element_offset<a_row>(i, j)) =
+                ptx::pack_bf16x2(value[0], value[1]);
           }
         }
       }
@@ -415,10 +421,11 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
       const int kk_begin = reverse ? row_block : 0, kk_end = reverse ? C / 16 : row_block + 1;
       for (int kk = kk_begin; kk < kk_end; ++kk) {
         std::uint32_t a[4];
-        ldmatrix_x4(a, a_base + tile_offset<a_row>(row0 + (lane & 15), 2 * kk + (lane >> 4)));
+        ptx::ldmatrix_x4(a, a_base + swizzled_row_offset<a_row>(row0 + (lane & 15), 2 * kk + (lane >> 4)));
 #pragma unroll
         for (int n = 0; n < out_tiles; n += 2)
-          b_fragments(z_base, kk, n, [&](int nt, std::uint32_t b0, std::uint32_t b1) { mma_bf16(out[nt], a, b0, b1); });
+          b_fragments(z_base, kk, n,
+                      [&](int nt, std::uint32_t b0, std::uint32_t b1) { ptx::mma_m16n8k16_bf16(out[nt], a, b0, b1); });
       }
 
       const bool with_dot = s.dot.data != nullptr;
@@ -485,31 +492,32 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
 #pragma unroll
         for (int i = 0; i < Shape::tm; ++i) {
           const int m0 = (wm * Shape::tm + i) * 16;
-          ldmatrix_x4_trans(a[i], y_base + tile_offset<x_row>(16 * kk + (lane & 7) + ((lane >> 4) << 3),
-                                                              (m0 >> 3) + ((lane >> 3) & 1)));
-          a[i][0] = mul_bf16x2(a[i][0], w01);
-          a[i][1] = mul_bf16x2(a[i][1], w01);
-          a[i][2] = mul_bf16x2(a[i][2], w89);
-          a[i][3] = mul_bf16x2(a[i][3], w89);
+          ptx::ldmatrix_x4_trans(a[i], y_base + swizzled_row_offset<x_row>(16 * kk + (lane & 7) + ((lane >> 4) << 3),
+                                                                           (m0 >> 3) + ((lane >> 3) & 1)));
+          a[i][0] = ptx::mul_bf16x2(a[i][0], w01);
+          a[i][1] = ptx::mul_bf16x2(a[i][1], w01);
+          a[i][2] = ptx::mul_bf16x2(a[i][2], w89);
+          a[i][3] = ptx::mul_bf16x2(a[i][3], w89);
         }
 #pragma unroll
         for (int j = 0; j < Shape::tn; j += 2) {
           const int n0 = (wn * Shape::tn + j) * 8;
           if constexpr (Shape::tn >= 2) {
             std::uint32_t bf[4];
-            ldmatrix_x4_trans(bf, z_base + tile_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                              (n0 >> 3) + (lane >> 4)));
+            ptx::ldmatrix_x4_trans(
+                bf, z_base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                        (n0 >> 3) + (lane >> 4)));
 #pragma unroll
             for (int i = 0; i < Shape::tm; ++i) {
-              mma_bf16(R[i][j], a[i], bf[0], bf[1]);
-              mma_bf16(R[i][j + 1], a[i], bf[2], bf[3]);
+              ptx::mma_m16n8k16_bf16(R[i][j], a[i], bf[0], bf[1]);
+              ptx::mma_m16n8k16_bf16(R[i][j + 1], a[i], bf[2], bf[3]);
             }
           } else {
             std::uint32_t bf[2];
-            ldmatrix_x2_trans(bf, z_base + tile_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                              n0 >> 3));
+            ptx::ldmatrix_x2_trans(
+                bf, z_base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), n0 >> 3));
 #pragma unroll
-            for (int i = 0; i < Shape::tm; ++i) mma_bf16(R[i][j], a[i], bf[0], bf[1]);
+            for (int i = 0; i < Shape::tm; ++i) ptx::mma_m16n8k16_bf16(R[i][j], a[i], bf[0], bf[1]);
           }
         }
       }

@@ -23,7 +23,6 @@
 #pragma once
 
 #include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -32,6 +31,7 @@
 #include <cstdint>
 
 #include "dash/core/cuda.hpp"
+#include "dash/core/cuda/tma.cuh"
 #include "dash/core/error.hpp"
 #include "dash/ops/softmax/cuda/detail/backward_common.cuh"
 #include "dash/ops/softmax/cuda/detail/backward_mma.cuh"
@@ -110,23 +110,16 @@ void launch_main(void (*kernel)(KernelArgs...), int smem_bytes, dim3 grid, int t
 // The dq accumulator [B·H, T, dq_row] as a tensor map for the wgmma kernel's tensor bulk
 // reductions: boxes of 64 rows × 32 floats, 128-byte swizzled in shared memory.
 inline CUtensorMap dq_accumulator_map(const BackwardArgs& args) {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* function = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found),
-          "attention backward: cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
-    require(found == cudaDriverEntryPointSuccess && function, "attention backward: the driver has no cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
-  }();
   const BackwardParams& p = args.p;
   const cuuint64_t row_bytes = cuuint64_t(args.dq_row) * sizeof(float);
   const cuuint64_t dims[3] = {cuuint64_t(args.dq_row), cuuint64_t(p.length), cuuint64_t(p.batch) * p.n_heads};
   const cuuint64_t strides[2] = {row_bytes, row_bytes * cuuint64_t(p.length)};
   const cuuint32_t box[3] = {32, 64, 1}, element_strides[3] = {1, 1, 1};
   CUtensorMap map;
-  const CUresult result = encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, args.dq_acc, dims, strides, box,
-                                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult result =
+      tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, args.dq_acc, dims, strides, box, element_strides,
+                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   require(result == CUDA_SUCCESS, "attention backward: cuTensorMapEncodeTiled failed with CUresult ", int(result));
   return map;
 }

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "dash/core/cuda.hpp"
+#include "dash/core/cuda/shared.cuh"
 #include "dash/ops/softmax/cuda/params.cuh"
 
 namespace dash::cuda::attention::backward_kernels {
@@ -53,64 +54,9 @@ struct TileMask {
   }
 };
 
-__device__ __forceinline__ std::uint32_t smem_address(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes from global to shared memory, or 16 zero bytes when !valid (src is then not read).
-__device__ __forceinline__ void cp_async_16(std::uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_4(std::uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void st_shared_u16(std::uint32_t dst, unsigned short value) {
-  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst), "h"(value) : "memory");
-}
-__device__ __forceinline__ void st_shared_u32(std::uint32_t dst, std::uint32_t value) {
-  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst), "r"(value) : "memory");
-}
-
-// 2^x on the special function unit (inputs here are ≤ about 0: p = exp(s − lse) ≤ 1).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ std::uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const std::uint32_t*>(&v);
-}
-
-// Tile layouts in shared memory: byte offset of the 16-byte chunk holding columns
-// [8·c8, 8·c8 + 8) of row r; consecutive rows are row_bytes apart, and a chunk's offset
-// changes by (Δr)·row_bytes when r moves by a multiple of 8.
-//
-// Swizzled128: the canonical 128-byte-swizzled layout of Hopper's tensor-core descriptors:
-// columns in blocks of 64 (128 bytes per row), each block Rows × 128 bytes, chunk index XOR
-// row mod 8 within a row (bank-conflict free for both row and column access).
-template <int Rows>
-struct Swizzled128 {
-  static constexpr int row_bytes = 128;
-  static __device__ __forceinline__ std::uint32_t chunk(int r, int c8) {
-    return (c8 / 8) * (Rows * 128) + r * 128 + (((c8 ^ r) & 7) * 16);
-  }
-};
-// Padded: plain row-major rows of Cols + 8 elements, so that the eight 16-byte rows an
-// ldmatrix reads fall in distinct banks.
-template <int Cols>
-struct Padded {
-  static constexpr int row_bytes = (Cols + 8) * 2;
-  static __device__ __forceinline__ std::uint32_t chunk(int r, int c8) { return r * row_bytes + c8 * 16; }
-};
-
 // Rows [row0, row0 + Rows) × columns [0, Cols) of one head of a [B, T, heads, D] tensor
 // (`head` points at token 0 of that head), zero past `length` rows and `d_head` columns.
-// Asynchronous on the 16-byte path (completes at cp_async_wait_all), synchronous otherwise.
+// Asynchronous on the 16-byte path (completes at ptx::cp_async_wait<0>), synchronous otherwise.
 // On the 16-byte path each thread keeps one column chunk and walks rows Threads / (Cols / 8)
 // apart, so its addresses advance by constant steps.
 template <int Rows, int Cols, class Layout, int Threads>
@@ -126,13 +72,14 @@ __device__ __forceinline__ void load_tile(std::uint32_t smem, const bfloat16* he
 #pragma unroll
     for (int i = 0; i < Rows / row_step; ++i) {
       const bool valid = column_valid && row0 + r + i * row_step < length;
-      cp_async_16(dst + i * row_step * Layout::row_bytes, valid ? src + i * row_step * token_stride : head, valid);
+      ptx::cp_async_16_or_zero(dst + i * row_step * Layout::row_bytes, valid ? src + i * row_step * token_stride : head,
+                               valid);
     }
   } else {
     for (int e = threadIdx.x; e < Rows * Cols; e += Threads) {
       const int r = e / Cols, c = e % Cols, row = row0 + r;
       const bfloat16 x = row < length && c < d_head ? head[row * token_stride + c] : __float2bfloat16(0.f);
-      st_shared_u16(smem + Layout::chunk(r, c / 8) + (c % 8) * 2, __bfloat16_as_ushort(x));
+      ptx::st_shared_u16(smem + Layout::chunk(r, c / 8) + (c % 8) * 2, __bfloat16_as_ushort(x));
     }
   }
 }
@@ -147,7 +94,7 @@ __device__ __forceinline__ void load_row_stats(std::uint32_t lse_smem, std::uint
     const int r = is_lse ? threadIdx.x : threadIdx.x - Rows;
     const bool valid = row0 + r < length;
     const float* src = is_lse ? lse : delta;
-    cp_async_4((is_lse ? lse_smem : delta_smem) + 4 * r, valid ? src + row0 + r : src, valid);
+    ptx::cp_async_4_or_zero((is_lse ? lse_smem : delta_smem) + 4 * r, valid ? src + row0 + r : src, valid);
   }
 }
 

@@ -13,29 +13,12 @@
 
 #include <cstdint>
 
+#include "dash/core/cuda/mma.cuh"
+#include "dash/core/cuda/numeric.cuh"
+#include "dash/core/cuda/shared.cuh"
 #include "dash/ops/softmax/cuda/detail/backward_common.cuh"
 
 namespace dash::cuda::attention::backward_kernels {
-
-__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], std::uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], std::uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-// c += a·b for one 16×8 tile, k = 16.
-__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
-                                            std::uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 template <int DPad>
 struct MmaBackwardTiles {
@@ -61,7 +44,7 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
   constexpr int row_bytes = Tiles::Rows::row_bytes, ds_row_bytes = Tiles::DsRows::row_bytes;
   constexpr float log2e = 1.4426950408889634f;
   extern __shared__ __align__(16) unsigned char smem[];
-  const std::uint32_t base = smem_address(smem);
+  const std::uint32_t base = ptx::shared_address(smem);
   const std::uint32_t sK = base + Tiles::k_offset, sV = base + Tiles::v_offset, sdS = base + Tiles::ds_offset;
   const float* lse_smem = reinterpret_cast<const float*>(smem + Tiles::lse_offset);
   const float* delta_smem = reinterpret_cast<const float*>(smem + Tiles::delta_offset);
@@ -94,7 +77,7 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
   };
   StepCursor at{kv_head * group, first_tile, first_tile, first_tile + tiles_per_head}, next = at;
   if (steps > 0) load_step(at, 0);
-  cp_async_commit();
+  ptx::cp_async_commit();
 
   float dv[DPad / 8][4] = {}, dk[DPad / 8][4] = {};
   const float scale_log2 = p.scale * log2e;
@@ -106,11 +89,11 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
     const std::uint32_t sdO = base + Tiles::do_offset + stage * Tiles::query_tile_bytes;
     const float* lse = lse_smem + stage * Bq;
     const float* delta = delta_smem + stage * Bq;
-    cp_async_wait_all();
+    ptx::cp_async_wait<0>();
     __syncthreads();  // this step's tiles are in; every warp is done with the other stage and dSᵀ
     next.advance();
     if (step + 1 < steps) load_step(next, stage ^ 1);
-    cp_async_commit();
+    ptx::cp_async_commit();
 
     // Sᵀ and dPᵀ: this warp's 16 keys × Bq queries.
     float s[Bq / 8][4] = {}, dp[Bq / 8][4] = {};
@@ -118,18 +101,18 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
     for (int kk = 0; kk < DPad / 16; ++kk) {
       const std::uint32_t a_row = (warp * 16 + lane % 16) * row_bytes + (kk * 16 + (lane / 16) * 8) * 2;
       std::uint32_t ak[4], av[4];
-      ldmatrix_x4(ak, sK + a_row);
-      ldmatrix_x4(av, sV + a_row);
+      ptx::ldmatrix_x4(ak, sK + a_row);
+      ptx::ldmatrix_x4(av, sV + a_row);
 #pragma unroll
       for (int np = 0; np < Bq / 16; ++np) {
         const std::uint32_t b_row = (np * 16 + lane % 8 + (lane / 16) * 8) * row_bytes + (kk * 16 + (lane / 8) % 2 * 8) * 2;
         std::uint32_t bq[4], bo[4];
-        ldmatrix_x4(bq, sQ + b_row);
-        ldmatrix_x4(bo, sdO + b_row);
-        mma_16x8x16(s[2 * np], ak, bq[0], bq[1]);
-        mma_16x8x16(s[2 * np + 1], ak, bq[2], bq[3]);
-        mma_16x8x16(dp[2 * np], av, bo[0], bo[1]);
-        mma_16x8x16(dp[2 * np + 1], av, bo[2], bo[3]);
+        ptx::ldmatrix_x4(bq, sQ + b_row);
+        ptx::ldmatrix_x4(bo, sdO + b_row);
+        ptx::mma_m16n8k16_bf16(s[2 * np], ak, bq[0], bq[1]);
+        ptx::mma_m16n8k16_bf16(s[2 * np + 1], ak, bq[2], bq[3]);
+        ptx::mma_m16n8k16_bf16(dp[2 * np], av, bo[0], bo[1]);
+        ptx::mma_m16n8k16_bf16(dp[2 * np + 1], av, bo[2], bo[3]);
       }
     }
 
@@ -144,7 +127,7 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
         const float neg_lse = -lse[col] * log2e, row_delta = delta[col];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const float prob = fast_exp2(fmaf(s[nt][2 * half + j], scale_log2, neg_lse));
+          const float prob = ptx::fast_exp2(fmaf(s[nt][2 * half + j], scale_log2, neg_lse));
           s[nt][2 * half + j] = masked && !mask.visible(q0 + col, key0 + 8 * half) ? 0.f : prob;
           dp[nt][2 * half + j] = s[nt][2 * half + j] * (dp[nt][2 * half + j] - row_delta);
         }
@@ -153,20 +136,20 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
     std::uint32_t p_frag[Bq / 16][4], ds_frag[Bq / 16][4];
 #pragma unroll
     for (int kq = 0; kq < Bq / 16; ++kq) {
-      p_frag[kq][0] = pack_bf16(s[2 * kq][0], s[2 * kq][1]);
-      p_frag[kq][1] = pack_bf16(s[2 * kq][2], s[2 * kq][3]);
-      p_frag[kq][2] = pack_bf16(s[2 * kq + 1][0], s[2 * kq + 1][1]);
-      p_frag[kq][3] = pack_bf16(s[2 * kq + 1][2], s[2 * kq + 1][3]);
-      ds_frag[kq][0] = pack_bf16(dp[2 * kq][0], dp[2 * kq][1]);
-      ds_frag[kq][1] = pack_bf16(dp[2 * kq][2], dp[2 * kq][3]);
-      ds_frag[kq][2] = pack_bf16(dp[2 * kq + 1][0], dp[2 * kq + 1][1]);
-      ds_frag[kq][3] = pack_bf16(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
+      p_frag[kq][0] = ptx::pack_bf16x2(s[2 * kq][0], s[2 * kq][1]);
+      p_frag[kq][1] = ptx::pack_bf16x2(s[2 * kq][2], s[2 * kq][3]);
+      p_frag[kq][2] = ptx::pack_bf16x2(s[2 * kq + 1][0], s[2 * kq + 1][1]);
+      p_frag[kq][3] = ptx::pack_bf16x2(s[2 * kq + 1][2], s[2 * kq + 1][3]);
+      ds_frag[kq][0] = ptx::pack_bf16x2(dp[2 * kq][0], dp[2 * kq][1]);
+      ds_frag[kq][1] = ptx::pack_bf16x2(dp[2 * kq][2], dp[2 * kq][3]);
+      ds_frag[kq][2] = ptx::pack_bf16x2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]);
+      ds_frag[kq][3] = ptx::pack_bf16x2(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
       // dSᵀ rows key0, key0 + 8 at queries 16·kq + 2t (+ 8).
       const std::uint32_t row = (warp * 16 + g) * ds_row_bytes + (16 * kq + 2 * t) * 2;
-      st_shared_u32(sdS + row, ds_frag[kq][0]);
-      st_shared_u32(sdS + row + 8 * ds_row_bytes, ds_frag[kq][1]);
-      st_shared_u32(sdS + row + 16, ds_frag[kq][2]);
-      st_shared_u32(sdS + row + 8 * ds_row_bytes + 16, ds_frag[kq][3]);
+      ptx::st_shared_u32(sdS + row, ds_frag[kq][0]);
+      ptx::st_shared_u32(sdS + row + 8 * ds_row_bytes, ds_frag[kq][1]);
+      ptx::st_shared_u32(sdS + row + 16, ds_frag[kq][2]);
+      ptx::st_shared_u32(sdS + row + 8 * ds_row_bytes + 16, ds_frag[kq][3]);
     }
 
     // dV += Pᵀ dO and dK += dSᵀ Q: B operands [queries][DPad] read transposed.
@@ -176,12 +159,12 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
       for (int np = 0; np < DPad / 16; ++np) {
         const std::uint32_t b_row = (kq * 16 + lane % 8 + (lane / 8) % 2 * 8) * row_bytes + (np * 16 + (lane / 16) * 8) * 2;
         std::uint32_t bo[4], bq[4];
-        ldmatrix_x4_trans(bo, sdO + b_row);
-        ldmatrix_x4_trans(bq, sQ + b_row);
-        mma_16x8x16(dv[2 * np], p_frag[kq], bo[0], bo[1]);
-        mma_16x8x16(dv[2 * np + 1], p_frag[kq], bo[2], bo[3]);
-        mma_16x8x16(dk[2 * np], ds_frag[kq], bq[0], bq[1]);
-        mma_16x8x16(dk[2 * np + 1], ds_frag[kq], bq[2], bq[3]);
+        ptx::ldmatrix_x4_trans(bo, sdO + b_row);
+        ptx::ldmatrix_x4_trans(bq, sQ + b_row);
+        ptx::mma_m16n8k16_bf16(dv[2 * np], p_frag[kq], bo[0], bo[1]);
+        ptx::mma_m16n8k16_bf16(dv[2 * np + 1], p_frag[kq], bo[2], bo[3]);
+        ptx::mma_m16n8k16_bf16(dk[2 * np], ds_frag[kq], bq[0], bq[1]);
+        ptx::mma_m16n8k16_bf16(dk[2 * np + 1], ds_frag[kq], bq[2], bq[3]);
       }
     __syncthreads();  // all of dSᵀ is in shared memory
 
@@ -191,13 +174,15 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
 #pragma unroll
     for (int kk = 0; kk < Bk / 16; ++kk) {
       std::uint32_t a[4];
-      ldmatrix_x4_trans(a, sdS + (kk * 16 + (lane / 16) * 8 + lane % 8) * ds_row_bytes + (m0 + (lane / 8) % 2 * 8) * 2);
+      ptx::ldmatrix_x4_trans(
+          a, sdS + (kk * 16 + (lane / 16) * 8 + lane % 8) * ds_row_bytes + (m0 + (lane / 8) % 2 * 8) * 2);
 #pragma unroll
       for (int np = 0; np < DPad / 32; ++np) {
         std::uint32_t bk[4];
-        ldmatrix_x4_trans(bk, sK + (kk * 16 + lane % 8 + (lane / 8) % 2 * 8) * row_bytes + (n0 + np * 16 + (lane / 16) * 8) * 2);
-        mma_16x8x16(dq[2 * np], a, bk[0], bk[1]);
-        mma_16x8x16(dq[2 * np + 1], a, bk[2], bk[3]);
+        ptx::ldmatrix_x4_trans(
+            bk, sK + (kk * 16 + lane % 8 + (lane / 8) % 2 * 8) * row_bytes + (n0 + np * 16 + (lane / 16) * 8) * 2);
+        ptx::mma_m16n8k16_bf16(dq[2 * np], a, bk[0], bk[1]);
+        ptx::mma_m16n8k16_bf16(dq[2 * np + 1], a, bk[2], bk[3]);
       }
     }
     float* dq_rows = args.dq_acc + (std::int64_t(b) * p.n_heads + h) * p.length * args.dq_row;

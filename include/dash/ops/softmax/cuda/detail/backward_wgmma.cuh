@@ -22,183 +22,13 @@
 
 #include <cstdint>
 
+#include "dash/core/cuda/numeric.cuh"
+#include "dash/core/cuda/shared.cuh"
+#include "dash/core/cuda/tma.cuh"
+#include "dash/core/cuda/wgmma.cuh"
 #include "dash/ops/softmax/cuda/detail/backward_common.cuh"
 
-// wgmma and the async-proxy fence exist only in code for sm_90a.
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define DASH_ATTENTION_WGMMA 1
-#else
-#define DASH_ATTENTION_WGMMA 0
-#endif
-
 namespace dash::cuda::attention::backward_kernels {
-
-namespace wgmma {
-
-// Shared-memory matrix descriptor of a 128-byte-swizzled tile: start address, leading and
-// stride byte offsets (16-byte units). K-major: rows of 64 elements, 8-row groups 1024 bytes
-// apart (the leading offset is unused). MN-major: `leading` bytes between blocks of 64
-// elements along M or N, 8-row groups along K 1024 bytes apart.
-__device__ __forceinline__ std::uint64_t descriptor(std::uint32_t address, std::uint32_t leading) {
-  return std::uint64_t((address & 0x3FFFF) >> 4) | (std::uint64_t(leading >> 4) << 16) |
-         (std::uint64_t(1024 >> 4) << 32) | (std::uint64_t(1) << 62);
-}
-
-__device__ __forceinline__ void fence() {
-#if DASH_ATTENTION_WGMMA
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void commit() {
-#if DASH_ATTENTION_WGMMA
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-template <int Pending>
-__device__ __forceinline__ void wait() {
-#if DASH_ATTENTION_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
-#endif
-}
-// Shared-memory writes of this thread become visible to the tensor cores' (async proxy) reads.
-__device__ __forceinline__ void fence_shared_to_async() {
-#if DASH_ATTENTION_WGMMA
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-// Keeps the compiler from moving reads or writes of accumulators across an asynchronous mma.
-// The box of `map` at (x, y, z) += the box in shared memory at `src`, asynchronously (the
-// tensor memory accelerator adds in L2); tracked per thread by bulk groups.
-__device__ __forceinline__ void tensor_reduce_add(const CUtensorMap& map, std::uint32_t src, int x, int y, int z) {
-#if DASH_ATTENTION_WGMMA
-  asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
-                   reinterpret_cast<std::uint64_t>(&map)),
-               "r"(src), "r"(x), "r"(y), "r"(z)
-               : "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_commit() {
-#if DASH_ATTENTION_WGMMA
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-#endif
-}
-// Until at most Pending of this thread's bulk groups still read shared memory.
-template <int Pending>
-__device__ __forceinline__ void bulk_wait_read() {
-#if DASH_ATTENTION_WGMMA
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(Pending) : "memory");
-#endif
-}
-// Until all of this thread's bulk groups are complete.
-__device__ __forceinline__ void bulk_wait_all() {
-#if DASH_ATTENTION_WGMMA
-  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-#endif
-}
-
-// Applied before wgmma::fence() to the registers an mma reads (so that their definitions come
-// before it) and after wgmma::wait() to those it writes (so that no read moves above it).
-template <int N>
-__device__ __forceinline__ void fence_registers(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int M, int N>
-__device__ __forceinline__ void fence_registers(std::uint32_t (&r)[M][N]) {
-#pragma unroll
-  for (int i = 0; i < M; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
-}
-
-// d (+)= a·b, m64nNk16, bf16 in, fp32 accumulate; overloads by the accumulator's N/2 floats.
-// mma_ss: both operands from shared memory; mma_rs: a from registers (the layout of an
-// accumulator's two adjacent n8 columns, packed to bf16). Trans = 1: the operand is MN-major.
-#if DASH_ATTENTION_WGMMA
-template <int TransA, int TransB>
-__device__ __forceinline__ void mma_ss(float (&d)[16], std::uint64_t a, std::uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(a), "l"(b), "r"(accumulate), "n"(TransA), "n"(TransB));
-}
-
-template <int TransB>
-__device__ __forceinline__ void mma_rs(float (&d)[16], const std::uint32_t (&a)[4], std::uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TransB));
-}
-
-template <int TransA, int TransB>
-__device__ __forceinline__ void mma_ss(float (&d)[32], std::uint64_t a, std::uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(a), "l"(b), "r"(accumulate), "n"(TransA), "n"(TransB));
-}
-
-template <int TransB>
-__device__ __forceinline__ void mma_rs(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TransB));
-}
-
-template <int TransA, int TransB>
-__device__ __forceinline__ void mma_ss(float (&d)[64], std::uint64_t a, std::uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(a), "l"(b), "r"(accumulate), "n"(TransA), "n"(TransB));
-}
-
-template <int TransB>
-__device__ __forceinline__ void mma_rs(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TransB));
-}
-
-#else
-template <int TransA, int TransB, int N>
-__device__ __forceinline__ void mma_ss(float (&)[N], std::uint64_t, std::uint64_t, int) {}
-template <int TransB, int N>
-__device__ __forceinline__ void mma_rs(float (&)[N], const std::uint32_t (&)[4], std::uint64_t, int) {}
-#endif
-
-}  // namespace wgmma
 
 template <int DPad>
 struct WgmmaBackwardTiles {
@@ -235,7 +65,7 @@ __device__ __forceinline__ void probabilities(float (&s)[32], const float* lse, 
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         float& x = s[4 * c + 2 * half + j];
-        const float prob = fast_exp2(fmaf(x, scale_log2, neg_lse[j]));
+        const float prob = ptx::fast_exp2(fmaf(x, scale_log2, neg_lse[j]));
         if constexpr (Masked)
           x = mask.visible(q0 + 8 * c + 2 * t + j, key0 + 8 * half) ? prob : 0.f;
         else
@@ -247,14 +77,14 @@ __device__ __forceinline__ void probabilities(float (&s)[32], const float* lse, 
 template <int DPad>
 __global__ void __launch_bounds__(256, 1)
     backward_wgmma_kernel(BackwardArgs args, const __grid_constant__ CUtensorMap dq_map) {
-#if defined(__CUDA_ARCH__) && !DASH_ATTENTION_WGMMA
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // launched only on sm_90, whose code is built for sm_90a
 #else
   using Tiles = WgmmaBackwardTiles<DPad>;
   constexpr int Bk = Tiles::keys, Bq = Tiles::queries, Threads = Tiles::threads;
   constexpr int dq_cols = DPad / 2;  // dQ columns per warpgroup
   extern __shared__ unsigned char smem_raw[];
-  const std::uint32_t raw = smem_address(smem_raw), base = (raw + 1023) & ~1023u;
+  const std::uint32_t raw = ptx::shared_address(smem_raw), base = (raw + 1023) & ~1023u;
   unsigned char* smem = smem_raw + (base - raw);
   const std::uint32_t sK = base + Tiles::k_offset, sV = base + Tiles::v_offset, sdS = base + Tiles::ds_offset;
   const float* lse_smem = reinterpret_cast<const float*>(smem + Tiles::lse_offset);
@@ -289,13 +119,14 @@ __global__ void __launch_bounds__(256, 1)
   // Thread 0 sends the dQ tile of a step, box by box over the columns below dq_row.
   const auto send_dq = [&](const StepCursor& at, int stage) {
     for (int box = 0; box * Tiles::dq_box_cols < args.dq_row; ++box)
-      wgmma::tensor_reduce_add(dq_map, base + Tiles::dq_offset + stage * Tiles::dq_tile_bytes + box * Tiles::dq_box_bytes,
-                               box * Tiles::dq_box_cols, at.tile * Bq, b * p.n_heads + at.head);
-    wgmma::bulk_commit();
+      ptx::tma_reduce_add_3d(&dq_map,
+                             base + Tiles::dq_offset + stage * Tiles::dq_tile_bytes + box * Tiles::dq_box_bytes,
+                             box * Tiles::dq_box_cols, at.tile * Bq, b * p.n_heads + at.head);
+    ptx::bulk_commit();
   };
   StepCursor at{kv_head * group, first_tile, first_tile, end_tile}, next = at, previous = at;
   if (steps > 0) load_step(at, 0);
-  cp_async_commit();
+  ptx::cp_async_commit();
 
   // This warpgroup's 64 key rows inside each 64-column block of K and V.
   const std::uint32_t sKw = sK + wg * 64 * 128, sVw = sV + wg * 64 * 128;
@@ -309,36 +140,36 @@ __global__ void __launch_bounds__(256, 1)
     const int stage = step & 1, q0 = at.tile * Bq;
     const std::uint32_t sQ = base + Tiles::q_offset + stage * Tiles::query_tile_bytes;
     const std::uint32_t sdO = base + Tiles::do_offset + stage * Tiles::query_tile_bytes;
-    cp_async_wait_all();
-    wgmma::fence_shared_to_async();
+    ptx::cp_async_wait<0>();
+    ptx::fence_proxy_async_shared();
     // This step's tiles are in; both warpgroups are done with the other stage, with dSᵀ, and
     // have written the previous step's dQ tile.
     __syncthreads();
     if (step > 0 && threadIdx.x == 0) send_dq(previous, stage ^ 1);
     next.advance();
     if (step + 1 < steps) load_step(next, stage ^ 1);
-    cp_async_commit();
+    ptx::cp_async_commit();
 
     // Sᵀ = K Qᵀ, then dPᵀ = V dOᵀ, over d_head in k16 steps: 32 bytes along a 128-byte row,
     // then the next 64-column block. Two groups, so that Pᵀ is computed while dPᵀ runs.
     float s[32] = {}, dp[32] = {};
-    wgmma::fence_registers(s);
-    wgmma::fence_registers(dp);
-    wgmma::fence();
+    ptx::fence_registers(s);
+    ptx::fence_registers(dp);
+    ptx::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < DPad / 16; ++kk)
-      wgmma::mma_ss<0, 0>(s, wgmma::descriptor(sKw + (kk / 4) * (Bk * 128) + (kk % 4) * 32, 16),
-                          wgmma::descriptor(sQ + (kk / 4) * (Bq * 128) + (kk % 4) * 32, 16), 1);
-    wgmma::commit();
+      ptx::wgmma_ss<0, 0>(s, ptx::wgmma_descriptor(sKw + (kk / 4) * (Bk * 128) + (kk % 4) * 32, 16),
+                          ptx::wgmma_descriptor(sQ + (kk / 4) * (Bq * 128) + (kk % 4) * 32, 16), 1);
+    ptx::wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < DPad / 16; ++kk)
-      wgmma::mma_ss<0, 0>(dp, wgmma::descriptor(sVw + (kk / 4) * (Bk * 128) + (kk % 4) * 32, 16),
-                          wgmma::descriptor(sdO + (kk / 4) * (Bq * 128) + (kk % 4) * 32, 16), 1);
-    wgmma::commit();
+      ptx::wgmma_ss<0, 0>(dp, ptx::wgmma_descriptor(sVw + (kk / 4) * (Bk * 128) + (kk % 4) * 32, 16),
+                          ptx::wgmma_descriptor(sdO + (kk / 4) * (Bq * 128) + (kk % 4) * 32, 16), 1);
+    ptx::wgmma_commit();
 
     const bool masked = !mask.full(q0, q0 + Bq, k0 + wg * 64, k0 + wg * 64 + 64);
-    wgmma::wait<1>();
-    wgmma::fence_registers(s);
+    ptx::wgmma_wait<1>();
+    ptx::fence_registers(s);
     if (masked)
       probabilities<true>(s, lse_smem + stage * Bq, scale_log2, mask, q0, key0, t);
     else
@@ -348,19 +179,20 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) p_frag[kk][r] = pack_bf16(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+      for (int r = 0; r < 4; ++r) p_frag[kk][r] = ptx::pack_bf16x2(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
 
     // dV += Pᵀ dO (B = dO [queries][DPad] read N-major; k16 = 16 query rows = 2048 bytes).
-    wgmma::fence_registers(p_frag);
-    wgmma::fence_registers(dv);
-    wgmma::fence();
+    ptx::fence_registers(p_frag);
+    ptx::fence_registers(dv);
+    ptx::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma::mma_rs<1>(dv, p_frag[kk], wgmma::descriptor(sdO + kk * 2048, Bq * 128), 1);
-    wgmma::commit();
+    for (int kk = 0; kk < 4; ++kk)
+      ptx::wgmma_rs<1>(dv, p_frag[kk], ptx::wgmma_descriptor(sdO + kk * 2048, Bq * 128), 1);
+    ptx::wgmma_commit();
 
     // dSᵀ = Pᵀ ∘ (dPᵀ − D), while dV runs.
-    wgmma::wait<1>();
-    wgmma::fence_registers(dp);
+    ptx::wgmma_wait<1>();
+    ptx::fence_registers(dp);
     const float* delta = delta_smem + stage * Bq;
     std::uint32_t ds_frag[4][4];
 #pragma unroll
@@ -369,17 +201,18 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int e = 4 * c + 2 * half;
-        ds_frag[c / 2][(c % 2) * 2 + half] = pack_bf16(s[e] * (dp[e] - d.x), s[e + 1] * (dp[e + 1] - d.y));
+        ds_frag[c / 2][(c % 2) * 2 + half] = ptx::pack_bf16x2(s[e] * (dp[e] - d.x), s[e + 1] * (dp[e + 1] - d.y));
       }
     }
 
     // dK += dSᵀ Q.
-    wgmma::fence_registers(ds_frag);
-    wgmma::fence_registers(dk);
-    wgmma::fence();
+    ptx::fence_registers(ds_frag);
+    ptx::fence_registers(dk);
+    ptx::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma::mma_rs<1>(dk, ds_frag[kk], wgmma::descriptor(sQ + kk * 2048, Bq * 128), 1);
-    wgmma::commit();
+    for (int kk = 0; kk < 4; ++kk)
+      ptx::wgmma_rs<1>(dk, ds_frag[kk], ptx::wgmma_descriptor(sQ + kk * 2048, Bq * 128), 1);
+    ptx::wgmma_commit();
 
     // dSᵀ to shared memory, rows = keys, swizzled like every other tile.
 #pragma unroll
@@ -387,29 +220,29 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = wg * 64 + warp * 16 + lane / 4 + 8 * half;
-        st_shared_u32(sdS + row * 128 + ((c ^ (row & 7)) * 16) + t * 4, ds_frag[c / 2][(c % 2) * 2 + half]);
+        ptx::st_shared_u32(sdS + row * 128 + ((c ^ (row & 7)) * 16) + t * 4, ds_frag[c / 2][(c % 2) * 2 + half]);
       }
-    wgmma::fence_shared_to_async();
+    ptx::fence_proxy_async_shared();
     // The dQ tile this step writes was sent two steps ago: its reads must be over.
-    if (threadIdx.x == 0) wgmma::bulk_wait_read<1>();
+    if (threadIdx.x == 0) ptx::bulk_wait_read<1>();
     __syncthreads();  // dSᵀ of both warpgroups is in
 
     // dQ = dS K for this warpgroup's columns: A = dSᵀ read M-major, B = K read N-major; k16 =
     // 16 key rows = 2048 bytes.
     float dq[dq_cols / 2] = {};
-    wgmma::fence_registers(dq);
-    wgmma::fence();
+    ptx::fence_registers(dq);
+    ptx::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Bk / 16; ++kk)
-      wgmma::mma_ss<1, 1>(dq, wgmma::descriptor(sdS + kk * 2048, Bq * 128),
-                          wgmma::descriptor(sKcols + kk * 2048, Bk * 128), 1);
-    wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::fence_registers(dv);
-    wgmma::fence_registers(dk);
-    wgmma::fence_registers(dq);
-    wgmma::fence_registers(p_frag);
-    wgmma::fence_registers(ds_frag);
+      ptx::wgmma_ss<1, 1>(dq, ptx::wgmma_descriptor(sdS + kk * 2048, Bq * 128),
+                          ptx::wgmma_descriptor(sKcols + kk * 2048, Bk * 128), 1);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::fence_registers(dv);
+    ptx::fence_registers(dk);
+    ptx::fence_registers(dq);
+    ptx::fence_registers(p_frag);
+    ptx::fence_registers(ds_frag);
 
     // This warpgroup's columns of the dQ tile, for thread 0 to send after the next barrier:
     // column col of row r is in box col / 32 at 16-byte chunk (col % 32) / 4 XOR r mod 8.
@@ -422,16 +255,14 @@ __global__ void __launch_bounds__(256, 1)
         const int in_box = col % Tiles::dq_box_cols;
         const std::uint32_t address = dq_tile + (col / Tiles::dq_box_cols) * Tiles::dq_box_bytes + row * 128 +
                                       (((in_box / 4) ^ (row & 7)) * 16) + (in_box % 4) * 4;
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(address), "f"(dq[4 * c + 2 * half]),
-                     "f"(dq[4 * c + 2 * half + 1])
-                     : "memory");
+        ptx::st_shared_v2_f32(address, dq[4 * c + 2 * half], dq[4 * c + 2 * half + 1]);
       }
-    wgmma::fence_shared_to_async();
+    ptx::fence_proxy_async_shared();
   }
   __syncthreads();  // the last step's dQ tile is in
   if (threadIdx.x == 0) {
     if (steps > 0) send_dq(previous, (steps - 1) & 1);
-    wgmma::bulk_wait_all();  // shared memory stays until the reductions have read it
+    ptx::bulk_wait<0>();  // shared memory stays until the reductions have read it
   }
 
   const std::int64_t dk_head = head_offset(p.dk_strides, b, kv_head, p.d_head);
@@ -446,5 +277,3 @@ __global__ void __launch_bounds__(256, 1)
 }
 
 }  // namespace dash::cuda::attention::backward_kernels
-
-#undef DASH_ATTENTION_WGMMA

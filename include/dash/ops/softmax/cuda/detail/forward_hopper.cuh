@@ -22,13 +22,16 @@
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums; the encoder itself comes from the driver at run time
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "dash/core/cuda.hpp"
+#include "dash/core/cuda/numeric.cuh"
+#include "dash/core/cuda/shared.cuh"
+#include "dash/core/cuda/tma.cuh"
+#include "dash/core/cuda/wgmma.cuh"
 #include "dash/core/error.hpp"
 #include "dash/ops/softmax/cuda/detail/forward_softmax.cuh"
 #include "dash/ops/softmax/cuda/detail/forward_tiles.cuh"
@@ -59,163 +62,6 @@ struct HopperTile {
   static_assert(128 * kProducerRegisters + 128 * kConsumers * kConsumerRegisters <= 65536);
 };
 
-namespace hopper {
-
-__device__ __forceinline__ std::uint32_t shared_address(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbarrier_init(std::uint32_t barrier, std::uint32_t arrivals) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(arrivals));
-}
-
-__device__ __forceinline__ void fence_barrier_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void mbarrier_expect_bytes(std::uint32_t barrier, std::uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(barrier), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbarrier_arrive(std::uint32_t barrier) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(barrier) : "memory");
-}
-
-// Waits until the barrier's phase of the given parity has completed.
-__device__ __forceinline__ void mbarrier_wait(std::uint32_t barrier, std::uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait_again:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_again;\n"
-      "}\n" ::"r"(barrier),
-      "r"(parity)
-      : "memory");
-}
-
-// One box of the map at coordinates (d, token, head, batch) into shared memory; completion is
-// counted in bytes on `barrier`.
-__device__ __forceinline__ void tma_load(const CUtensorMap* map, std::uint32_t destination, std::uint32_t barrier,
-                                         int d, int token, int head, int batch) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-      "[%6];\n" ::"r"(destination),
-      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(d), "r"(token), "r"(head), "r"(batch), "r"(barrier)
-      : "memory");
-}
-
-template <int kRegisters>
-__device__ __forceinline__ void release_registers() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
-}
-
-template <int kRegisters>
-__device__ __forceinline__ void claim_registers() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
-}
-
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-// Fetches a TMA descriptor (a kernel parameter) into the descriptor cache ahead of its first use.
-__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<std::uint64_t>(map)) : "memory");
-}
-
-// Shared memory matrix descriptor of wgmma with the 128-byte swizzle: start address, leading
-// and stride byte offsets (in 16-byte units), swizzle mode 1 in bits 62-63. For K-major
-// operands the stride offset is the distance between 8-row groups and the leading offset is
-// unused; for MN-major ones the leading offset is the distance between 64-element column blocks.
-__device__ __forceinline__ std::uint64_t matrix_descriptor(std::uint32_t address, std::uint32_t leading_bytes,
-                                                           std::uint32_t stride_bytes) {
-  return std::uint64_t((address & 0x3FFFF) >> 4) | std::uint64_t((leading_bytes >> 4) & 0x3FFF) << 16 |
-         std::uint64_t((stride_bytes >> 4) & 0x3FFF) << 32 | std::uint64_t(1) << 62;
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-
-// Pins registers that an asynchronous wgmma reads or writes at this point of the program, so
-// that the compiler neither moves their other uses across the wgmma's issue or wait nor
-// reuses them while it runs.
-template <int N>
-__device__ __forceinline__ void pin(float (&x)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(x[i])::"memory");
-}
-template <int N>
-__device__ __forceinline__ void pin(std::uint32_t (&x)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(x[i])::"memory");
-}
-
-// D (64 × 128, fp32) {=, +=} A (64 × 16, shared, K-major) · B (16 × 128, shared, K-major).
-__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], std::uint64_t a, std::uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      :
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(a), "l"(b), "r"(accumulate));
-}
-
-// D (64 × 64, fp32) += A (64 × 16, registers) · B (16 × 64, shared, MN-major).
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      :
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-}
-
-// D (64 × 128, fp32) += A (64 × 16, registers) · B (16 × 128, shared, MN-major).
-__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      :
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-}
-
-template <int N>
-__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const std::uint32_t (&a)[4], std::uint64_t b) {
-  if constexpr (N == 64)
-    wgmma_m64n64k16_rs(d, a, b);
-  else
-    wgmma_m64n128k16_rs(d, a, b);
-}
-
-}  // namespace hopper
-
 // The work items of a launch: (query block, head, batch), each head's blocks from the longest
 // rows to the shortest, heads of one batch next to each other so that the items running at
 // once share their k and v in L2.
@@ -242,7 +88,7 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
                           const __grid_constant__ CUtensorMap v_map, const ForwardParams params,
                           const VisibleKeys mask) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using namespace hopper;
+  using namespace ptx;
   using Tile = HopperTile<kHeadDim>;
   constexpr int kConsumers = Tile::kConsumers;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStages = Tile::kStages;
@@ -276,7 +122,7 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
       mbarrier_init(k_empty(stage), 4 * kConsumers);
       mbarrier_init(v_empty(stage), 4 * kConsumers);
     }
-    fence_barrier_init();
+    mbarrier_init_fence();
   }
   __syncthreads();
 
@@ -292,8 +138,8 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
       const auto load = [&](const CUtensorMap* map, std::uint32_t tile, std::uint32_t full, std::uint32_t empty,
                             int it, int key0, int kv_head, int batch) {
         mbarrier_wait(empty, round_parity(it) ^ 1u);
-        mbarrier_expect_bytes(full, kKvTileBytes);
-        for (int a = 0; a < kAtoms; ++a) tma_load(map, tile + a * kKvAtomBytes, full, 64 * a, key0, kv_head, batch);
+        mbarrier_arrive_expect_tx(full, kKvTileBytes);
+        for (int a = 0; a < kAtoms; ++a) tma_load_4d(map, tile + a * kKvAtomBytes, full, 64 * a, key0, kv_head, batch);
       };
       int it = 0, round = 0;
       for (int w = blockIdx.x; w < work.count; w += gridDim.x, ++round) {
@@ -301,8 +147,8 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
         const int q0 = m_block * kBlockM, kv_head = head / group;
         const KeyTiles<kBlockN> tiles(mask, q0, min(q0 + kBlockM, length));
         mbarrier_wait(q_empty, (round & 1) ^ 1);
-        mbarrier_expect_bytes(q_full, Tile::kQTileBytes);
-        for (int a = 0; a < kAtoms; ++a) tma_load(&q_map, q_tile + a * kQAtomBytes, q_full, 64 * a, q0, head, batch);
+        mbarrier_arrive_expect_tx(q_full, Tile::kQTileBytes);
+        for (int a = 0; a < kAtoms; ++a) tma_load_4d(&q_map, q_tile + a * kQAtomBytes, q_full, 64 * a, q0, head, batch);
         // k runs one tile ahead of v, as the consumers use them.
         for (int j = 0; j < tiles.count(); ++j, ++it) {
           load(&k_map, k_tile(stage_of(it)), k_full(stage_of(it)), k_empty(stage_of(it)), it, tiles[j] * kBlockN,
@@ -327,34 +173,34 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
 
   // q and k are K-major: rows of 128 bytes, 8-row groups 1024 bytes apart. v is read as the
   // MN-major B operand: keys are its K dimension, d its N dimension in 64-wide column blocks.
-  const std::uint64_t q_descriptor = matrix_descriptor(q_tile + 64 * consumer * 128, 16, 1024);
+  const std::uint64_t q_descriptor = wgmma_descriptor(q_tile + 64 * consumer * 128, 16, 1024);
   float s[64];
   std::uint32_t p[32];
   float o[kHeadDim / 2];
   float alpha[2];
 
   const auto issue_scores = [&](int it) {
-    const std::uint64_t k_descriptor = matrix_descriptor(k_tile(stage_of(it)), 16, 1024);
-    pin(s);
+    const std::uint64_t k_descriptor = wgmma_descriptor(k_tile(stage_of(it)), 16, 1024);
+    fence_registers(s);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       // 16 columns of d: atom kk / 4, 32 bytes per step inside the 128-byte swizzled row.
       const std::uint32_t step = (kk % 4) * 32;
-      wgmma_m64n128k16_ss(s, q_descriptor + (((kk / 4) * kQAtomBytes + step) >> 4),
+      wgmma_ss<0, 0>(s, q_descriptor + (((kk / 4) * kQAtomBytes + step) >> 4),
                           k_descriptor + (((kk / 4) * kKvAtomBytes + step) >> 4), kk > 0);
     }
     wgmma_commit();
   };
   const auto issue_values = [&](int it) {
-    const std::uint64_t v_descriptor = matrix_descriptor(v_tile(stage_of(it)), kKvAtomBytes, 1024);
-    pin(o);
-    pin(p);
+    const std::uint64_t v_descriptor = wgmma_descriptor(v_tile(stage_of(it)), kKvAtomBytes, 1024);
+    fence_registers(o);
+    fence_registers(p);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk)  // 16 keys: two 8-row groups of 128 bytes
-      wgmma_rs<kHeadDim>(o, *reinterpret_cast<const std::uint32_t(*)[4]>(&p[4 * kk]),
-                         v_descriptor + ((kk * 16 * 128) >> 4));
+      wgmma_rs<1>(o, *reinterpret_cast<const std::uint32_t(*)[4]>(&p[4 * kk]), v_descriptor + ((kk * 16 * 128) >> 4),
+                  1);
     wgmma_commit();
   };
   // P as the A operand of m64nNk16: per 16 keys, (row, keys 2t..), (row + 8, same), (row, keys
@@ -401,7 +247,7 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
     issue_scores(it);
     pass_turn();
     wgmma_wait<0>();
-    pin(s);
+    fence_registers(s);
     release(k_empty(stage_of(it)));
     if (n_tiles == 1) release(q_empty);
     softmax_tile(0);
@@ -415,13 +261,13 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
       issue_values(it);
       pass_turn();
       wgmma_wait<1>();  // S_j is ready; P_{j−1} V_{j−1} may still run
-      pin(s);
+      fence_registers(s);
       release(k_empty(stage_of(next)));
       if (j == n_tiles - 1) release(q_empty);  // the item's last read of q is done
       softmax_tile(j);
       wgmma_wait<0>();
-      pin(o);
-      pin(p);
+      fence_registers(o);
+      fence_registers(p);
       release(v_empty(stage_of(it)));
       rescale_rows<kHeadDim / 8>(o, alpha);
       scores_to_operand();
@@ -430,8 +276,8 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
     mbarrier_wait(v_full(stage_of(it)), round_parity(it));
     issue_values(it);
     wgmma_wait<0>();
-    pin(o);
-    pin(p);
+    fence_registers(o);
+    fence_registers(p);
     release(v_empty(stage_of(it)));
     ++it;
 
@@ -453,22 +299,6 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
 #else
   __trap();  // built without sm_90a: the launcher never takes this path on such a build's devices
 #endif
-}
-
-using TensorMapEncoder = PFN_cuTensorMapEncodeTiled_v12000;
-
-// cuTensorMapEncodeTiled from the driver, found once through the runtime (no -lcuda needed).
-inline TensorMapEncoder tensor_map_encoder() {
-  static const TensorMapEncoder encode = [] {
-    void* entry = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000, cudaEnableDefault, &found),
-          "attention::forward: cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
-    require(found == cudaDriverEntryPointSuccess && entry != nullptr,
-            "attention::forward: the CUDA driver does not provide cuTensorMapEncodeTiled");
-    return reinterpret_cast<TensorMapEncoder>(entry);
-  }();
-  return encode;
 }
 
 // A [B, T, heads, d_head] view as a TMA map over (d, token, head, batch) whose boxes are 64 d ×

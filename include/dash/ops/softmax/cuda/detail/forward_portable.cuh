@@ -16,6 +16,8 @@
 #include <cstdint>
 
 #include "dash/core/cuda.hpp"
+#include "dash/core/cuda/mma.cuh"
+#include "dash/core/cuda/numeric.cuh"
 #include "dash/ops/softmax/cuda/detail/forward_softmax.cuh"
 #include "dash/ops/softmax/cuda/detail/forward_tiles.cuh"
 #include "dash/ops/softmax/cuda/params.cuh"
@@ -34,15 +36,6 @@ struct PortableTile {
   static constexpr int kValuePitch = kBlockN + 8;    // v tile transposed, [d][key]
   static constexpr int kSharedBytes = 2 * (2 * kBlockM * kPitch + kHeadDim * kValuePitch);
 };
-
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
-                                             std::uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ std::uint32_t load_pair(const bfloat16* p) {
   return *reinterpret_cast<const std::uint32_t*>(p);
@@ -139,7 +132,7 @@ __global__ void __launch_bounds__(PortableTile<kHeadDim>::kThreads)
       float(&frag)[4] = *reinterpret_cast<float(*)[4]>(&s[4 * f]);
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk)
-        mma_m16n8k16(frag, q_frag[kk], load_pair(k_row + kk * 16), load_pair(k_row + kk * 16 + 8));
+        ptx::mma_m16n8k16_bf16(frag, q_frag[kk], load_pair(k_row + kk * 16), load_pair(k_row + kk * 16 + 8));
     }
     if (!mask.all_visible(q0 + warp * 16, q0 + warp * 16 + 16, k0, k0 + kBlockN))
       hide_masked<kKeyFragments>(s, mask, row, k0 + 2 * t);
@@ -149,13 +142,14 @@ __global__ void __launch_bounds__(PortableTile<kHeadDim>::kThreads)
 
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const std::uint32_t p[4] = {pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]), pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]),
-                                  pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]), pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7])};
+      const std::uint32_t p[4] = {
+          ptx::pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]), ptx::pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]),
+          ptx::pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]), ptx::pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7])};
 #pragma unroll
       for (int f = 0; f < kDimFragments; ++f) {
         const bfloat16* v_row = v_tile + (8 * f + g) * kValuePitch + kk * 16 + 2 * t;
         float(&frag)[4] = *reinterpret_cast<float(*)[4]>(&o[4 * f]);
-        mma_m16n8k16(frag, p, load_pair(v_row), load_pair(v_row + 8));
+        ptx::mma_m16n8k16_bf16(frag, p, load_pair(v_row), load_pair(v_row + 8));
       }
     }
   }

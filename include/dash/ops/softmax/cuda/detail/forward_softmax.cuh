@@ -13,30 +13,15 @@
 // gives α = 0 and p = 0.
 #pragma once
 
-#include <cuda_bf16.h>
-
-#include <cstdint>
 #include <limits>
 
+#include "dash/core/cuda/numeric.cuh"
 #include "dash/ops/softmax/cuda/detail/forward_tiles.cuh"
 
 namespace dash::cuda::attention::detail {
 
 constexpr float log2_e = 1.4426950408889634f;
 constexpr float minus_infinity = -std::numeric_limits<float>::infinity();
-
-// 2^x by the hardware's approximation (2 ulp), −∞ ↦ +0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Two floats as a bf16 pair, `low` in the low half (the lower column of an MMA operand).
-__device__ __forceinline__ std::uint32_t pack_bf16x2(float low, float high) {
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
-  return *reinterpret_cast<const std::uint32_t*>(&pair);
-}
 
 // Sets to −∞ the scores the mask hides. `row` is the thread's first row (query position),
 // `key` the key of its column 0 in fragment 0, i.e. tile start + 2·(lane % 4).
@@ -81,7 +66,7 @@ struct OnlineSoftmax {
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
       const float new_max = fmaxf(row_max[r], tile_max);
       base[r] = new_max == minus_infinity ? 0.f : new_max * scale_log2;
-      rescale[r] = fast_exp2(row_max[r] * scale_log2 - base[r]);
+      rescale[r] = ptx::fast_exp2(row_max[r] * scale_log2 - base[r]);
       row_max[r] = new_max;
     }
 #pragma unroll
@@ -94,8 +79,8 @@ struct OnlineSoftmax {
       for (int r = 0; r < 2; ++r) {
         float& x0 = s[4 * f + 2 * r];
         float& x1 = s[4 * f + 2 * r + 1];
-        x0 = fast_exp2(fmaf(x0, scale_log2, -base[r]));
-        x1 = fast_exp2(fmaf(x1, scale_log2, -base[r]));
+        x0 = ptx::fast_exp2(fmaf(x0, scale_log2, -base[r]));
+        x1 = ptx::fast_exp2(fmaf(x1, scale_log2, -base[r]));
         partial[r][f % kChains] += x0 + x1;
       }
 #pragma unroll
