@@ -188,12 +188,19 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
   require(!use_wgmma || major == 9, "attention backward: the wgmma kernel needs compute capability 9.x, device ",
           device, " has ", major, ".x");
 
+  // Pass 1: a row's 16-byte chunks on as many lanes (rounded up to a power of two), or a warp
+  // per row element by element.
   const std::int64_t rows = std::int64_t(p.batch) * p.length * p.n_heads;
-  const unsigned preprocess_blocks = unsigned((rows + 7) / 8);
-  if (rows_in_chunks(p.o, p.o_strides, p.d_head) && rows_in_chunks(p.d_o, p.d_o_strides, p.d_head))
-    backward_preprocess_kernel<true><<<preprocess_blocks, 256, 0, stream>>>(args);
+  const bool vector_rows = rows_in_chunks(p.o, p.o_strides, p.d_head) && rows_in_chunks(p.d_o, p.d_o_strides, p.d_head);
+  int lanes_per_row = 32;
+  if (vector_rows)
+    for (lanes_per_row = 1; lanes_per_row * 8 < p.d_head;) lanes_per_row *= 2;
+  const std::int64_t rows_per_block = 8 * (32 / lanes_per_row);
+  const unsigned preprocess_blocks = unsigned((rows + rows_per_block - 1) / rows_per_block);
+  if (vector_rows)
+    backward_preprocess_kernel<true><<<preprocess_blocks, 256, 0, stream>>>(args, lanes_per_row);
   else
-    backward_preprocess_kernel<false><<<preprocess_blocks, 256, 0, stream>>>(args);
+    backward_preprocess_kernel<false><<<preprocess_blocks, 256, 0, stream>>>(args, lanes_per_row);
   check(cudaGetLastError(), "attention backward: preprocess launch");
   launch_main_kernel(args, use_wgmma, stream);
   check(cudaGetLastError(), "attention backward: main kernel launch");

@@ -116,21 +116,24 @@ __device__ __forceinline__ std::int64_t head_offset(const Strides& s, int batch,
   return batch * s.batch + std::int64_t(head) * d_head;
 }
 
-// Pass 1, one warp per (batch, token, query head) row: delta = dO·o in fp32, and the row of
-// the dq accumulator zeroed. VectorRows: o and d_o rows are read in 16-byte chunks.
+// Pass 1, `lanes_per_row` lanes (a power of two ≤ 32) per (batch, token, query head) row:
+// delta = dO·o in fp32, and the row of the dq accumulator zeroed. VectorRows: o and d_o rows
+// are read in 16-byte chunks, one per lane, so that a warp of short rows reads several at once.
 template <bool VectorRows>
-__global__ void backward_preprocess_kernel(BackwardArgs args) {
+__global__ void backward_preprocess_kernel(BackwardArgs args, int lanes_per_row) {
   const BackwardParams& p = args.p;
   const std::int64_t rows = std::int64_t(p.batch) * p.length * p.n_heads;
-  const std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
-  const int h = int(row % p.n_heads), i = int((row / p.n_heads) % p.length), b = int(row / (std::int64_t(p.n_heads) * p.length));
+  const int lane = threadIdx.x % 32, in_row = lane % lanes_per_row;
+  const std::int64_t row =
+      (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32 * (32 / lanes_per_row) + lane / lanes_per_row;
+  const bool valid = row < rows;  // lanes past the end still take part in the shuffles
+  const std::int64_t r = valid ? row : 0;
+  const int h = int(r % p.n_heads), i = int((r / p.n_heads) % p.length), b = int(r / (std::int64_t(p.n_heads) * p.length));
   const bfloat16* o = p.o + head_offset(p.o_strides, b, h, p.d_head) + i * p.o_strides.token;
   const bfloat16* d_o = p.d_o + head_offset(p.d_o_strides, b, h, p.d_head) + i * p.d_o_strides.token;
   float dot = 0;
   if constexpr (VectorRows) {
-    for (int c8 = lane; c8 * 8 < p.d_head; c8 += 32) {
+    for (int c8 = in_row; valid && c8 * 8 < p.d_head; c8 += lanes_per_row) {
       const uint4 a = *reinterpret_cast<const uint4*>(o + c8 * 8), g = *reinterpret_cast<const uint4*>(d_o + c8 * 8);
       const auto* a2 = reinterpret_cast<const __nv_bfloat162*>(&a);
       const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(&g);
@@ -141,14 +144,15 @@ __global__ void backward_preprocess_kernel(BackwardArgs args) {
       }
     }
   } else {
-    for (int d = lane; d < p.d_head; d += 32) dot += __bfloat162float(o[d]) * __bfloat162float(d_o[d]);
+    for (int d = in_row; valid && d < p.d_head; d += lanes_per_row)
+      dot += __bfloat162float(o[d]) * __bfloat162float(d_o[d]);
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  for (int offset = lanes_per_row / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  if (!valid) return;
   const std::int64_t stat = (std::int64_t(b) * p.n_heads + h) * p.length + i;
-  if (lane == 0) args.delta[stat] = dot;
+  if (in_row == 0) args.delta[stat] = dot;
   float4* acc = reinterpret_cast<float4*>(args.dq_acc + stat * args.dq_row);
-  for (int c4 = lane; c4 < args.dq_row / 4; c4 += 32) acc[c4] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int c4 = in_row; c4 < args.dq_row / 4; c4 += lanes_per_row) acc[c4] = make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
 // Pass 3: dq = scale·acc (+ dq when Accumulate), rounded to bf16. Grid: y over (batch, head)

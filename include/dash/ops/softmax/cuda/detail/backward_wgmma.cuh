@@ -145,27 +145,30 @@ __global__ void __launch_bounds__(256, 1)
     // This step's tiles are in; both warpgroups are done with the other stage, with dSᵀ, and
     // have written the previous step's dQ tile.
     __syncthreads();
-    if (step > 0 && threadIdx.x == 0) send_dq(previous, stage ^ 1);
-    next.advance();
-    if (step + 1 < steps) load_step(next, stage ^ 1);
-    ptx::cp_async_commit();
 
     // Sᵀ = K Qᵀ, then dPᵀ = V dOᵀ, over d_head in k16 steps: 32 bytes along a 128-byte row,
     // then the next 64-column block. Two groups, so that Pᵀ is computed while dPᵀ runs.
-    float s[32] = {}, dp[32] = {};
+    float s[32], dp[32];
     ptx::fence_registers(s);
     ptx::fence_registers(dp);
     ptx::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < DPad / 16; ++kk)
       ptx::wgmma_ss<0, 0>(s, ptx::wgmma_descriptor(sKw + (kk / 4) * (Bk * 128) + (kk % 4) * 32, 16),
-                          ptx::wgmma_descriptor(sQ + (kk / 4) * (Bq * 128) + (kk % 4) * 32, 16), 1);
+                          ptx::wgmma_descriptor(sQ + (kk / 4) * (Bq * 128) + (kk % 4) * 32, 16), kk > 0);
     ptx::wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < DPad / 16; ++kk)
       ptx::wgmma_ss<0, 0>(dp, ptx::wgmma_descriptor(sVw + (kk / 4) * (Bk * 128) + (kk % 4) * 32, 16),
-                          ptx::wgmma_descriptor(sdO + (kk / 4) * (Bq * 128) + (kk % 4) * 32, 16), 1);
+                          ptx::wgmma_descriptor(sdO + (kk / 4) * (Bq * 128) + (kk % 4) * 32, 16), kk > 0);
     ptx::wgmma_commit();
+
+    // While the tensor cores run: the previous step's dQ tile out, the next step's tiles in
+    // (into the other stage, which both warpgroups are done with).
+    if (step > 0 && threadIdx.x == 0) send_dq(previous, stage ^ 1);
+    next.advance();
+    if (step + 1 < steps) load_step(next, stage ^ 1);
+    ptx::cp_async_commit();
 
     const bool masked = !mask.full(q0, q0 + Bq, k0 + wg * 64, k0 + wg * 64 + 64);
     ptx::wgmma_wait<1>();
@@ -229,13 +232,13 @@ __global__ void __launch_bounds__(256, 1)
 
     // dQ = dS K for this warpgroup's columns: A = dSᵀ read M-major, B = K read N-major; k16 =
     // 16 key rows = 2048 bytes.
-    float dq[dq_cols / 2] = {};
+    float dq[dq_cols / 2];
     ptx::fence_registers(dq);
     ptx::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Bk / 16; ++kk)
       ptx::wgmma_ss<1, 1>(dq, ptx::wgmma_descriptor(sdS + kk * 2048, Bq * 128),
-                          ptx::wgmma_descriptor(sKcols + kk * 2048, Bk * 128), 1);
+                          ptx::wgmma_descriptor(sKcols + kk * 2048, Bk * 128), kk > 0);
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
     ptx::fence_registers(dv);

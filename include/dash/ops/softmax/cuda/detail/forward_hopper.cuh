@@ -1,12 +1,12 @@
 // The Hopper attention forward (sm_90a): TMA, mbarriers and wgmma, for d_head 64 and 128.
 //
-// A work item is 128 queries of one (batch, head); a CTA takes the items blockIdx.x,
-// blockIdx.x + gridDim.x, … and runs three warpgroups:
-//   producer   one thread issues TMA loads: per item the q tile, then per key tile (in the order
-//              of forward_tiles.cuh) the k and v tiles into rings of kStages buffers, guarded
-//              by mbarriers (full: bytes landed; empty: every consumer warp is done). The rings
-//              run on across items, and the next item's q is loaded as soon as the consumers
-//              finished their last product with the current one, so loads overlap the tail;
+// A work item is 128 queries of one (batch, head); a CTA takes one item of every block of
+// gridDim.x items (blockIdx.x-th forwards, then backwards, in turn) and runs three warpgroups:
+//   producer   one thread issues TMA loads: per item the q tile (into one of kQStages buffers),
+//              then per key tile (in the order of forward_tiles.cuh) the k and v tiles into
+//              rings of kKStages and kVStages buffers, guarded by mbarriers (full: bytes landed;
+//              empty: every consumer warp is done). The rings run on across items, and an item's
+//              q is loaded as soon as its buffer is free, so loads overlap the previous item's tail;
 //   consumers  two warpgroups of 64 queries each. Per key tile n, with P_{n−1} kept in
 //              registers as bf16 (the A operand of the second product):
 //                S_n = Q K_nᵀ          (wgmma, A and B from shared memory, issued first)
@@ -14,6 +14,8 @@
 //                wait for S_n only; online softmax of S_n (forward_softmax.cuh) overlaps the
 //                second product; wait for it; O ← α_n·O; P_n = bf16(exp(S_n − m_n))
 //              and after the last tile O += P V, O /= l, lse = λ·m + ln l, stored from registers.
+//              The tiles of consecutive items form one stream: the next item's first S is
+//              issued with the current item's last P V (see the kernel).
 //              Optionally (kAlternate) the two take turns issuing their products.
 // Every tile in shared memory is stored as 128-byte rows (64 bf16 of d) in the 128-byte swizzle
 // that TMA writes and wgmma reads: 16-byte chunk c of row r sits at chunk c ⊕ (r mod 8); a
@@ -26,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dash/core/cuda.hpp"
 #include "dash/core/cuda/numeric.cuh"
@@ -39,27 +42,41 @@
 
 namespace dash::cuda::attention::detail {
 
-template <int kHeadDim>
+// kQStages q buffers: 1 when every CTA runs one work item, 2 when CTAs run several (the next
+// item's q then loads while the current one runs; at d_head 128 a v stage makes room for it:
+// v is needed a product later than k, and loaded a tile later).
+template <int kHeadDim, int kQStages>
 struct HopperTile {
   static_assert(kHeadDim == 64 || kHeadDim == 128);
+  static_assert(kQStages == 1 || kQStages == 2);
   static constexpr int kConsumers = 2;             // warpgroups of 64 queries
   static constexpr int kBlockM = 64 * kConsumers;  // queries per work item
   static constexpr int kBlockN = 128;              // keys per tile
   static constexpr int kThreads = 128 * (1 + kConsumers);
-  static constexpr int kStages = kHeadDim == 64 ? 4 : 3;  // k and v buffers each
-  static constexpr int kAtoms = kHeadDim / 64;             // 128-byte column blocks along d
+  static constexpr int kKStages = kHeadDim == 64 ? 4 : 3;              // k buffers
+  static constexpr int kVStages = kHeadDim == 64 ? 4 : 4 - kQStages;  // v buffers
+  static constexpr int kAtoms = kHeadDim / 64;                        // 128-byte column blocks along d
   static constexpr int kQAtomBytes = kBlockM * 128;
   static constexpr int kKvAtomBytes = kBlockN * 128;
   static constexpr int kQTileBytes = kAtoms * kQAtomBytes;
   static constexpr int kKvTileBytes = kAtoms * kKvAtomBytes;
-  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
+  static constexpr int kBarrierBytes = 8 * 2 * (kQStages + kKStages + kVStages);
   // 1024 bytes of slack to align the tiles to the swizzle's 1024-byte period.
-  static constexpr int kSharedBytes = 1024 + kQTileBytes + 2 * kStages * kKvTileBytes + kBarrierBytes;
+  static constexpr int kSharedBytes =
+      1024 + kQStages * kQTileBytes + (kKStages + kVStages) * kKvTileBytes + kBarrierBytes;
   static_assert(kSharedBytes <= 227 * 1024);
   // The producer needs few registers; a consumer holds S (64), P (32) and O (kHeadDim / 2).
   static constexpr int kProducerRegisters = 40;
   static constexpr int kConsumerRegisters = 232;
   static_assert(128 * kProducerRegisters + 128 * kConsumers * kConsumerRegisters <= 65536);
+};
+
+// Use number `it` (counted from 0) of a ring of kDepth buffers: buffer it mod kDepth, in its
+// (it / kDepth)-th round, whose parity the buffer's mbarriers track.
+template <int kDepth>
+struct BufferRing {
+  static __device__ int slot(int it) { return it % kDepth; }
+  static __device__ std::uint32_t parity(int it) { return std::uint32_t(it / kDepth) & 1u; }
 };
 
 // The work items of a launch: (query block, head, batch), each head's blocks from the longest
@@ -82,44 +99,66 @@ struct WorkItems {
 
 // kAlternate: the two consumers take turns issuing their products (named barriers 1 and 2),
 // so that one exponentiates while the other's products run, rather than both at once.
-template <int kHeadDim, bool kAlternate>
-__global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
+//
+// The consumers walk one stream of key tiles over all of the CTA's work items, the first tile
+// of the next item right after the last tile of the current one: the next item's S = Q K₀ᵀ
+// (its q already loaded, with two q buffers) is issued together with the current item's last
+// O += P V and exponentiated while that runs; then the current item's O is finished and
+// stored, and the next item's O starts from zero. A CTA running several items so pays the
+// pipeline's fill and drain once, not once per item.
+template <int kHeadDim, int kQStages, bool kAlternate>
+__global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
     forward_hopper_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                           const __grid_constant__ CUtensorMap v_map, const ForwardParams params,
                           const VisibleKeys mask) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace ptx;
-  using Tile = HopperTile<kHeadDim>;
+  using Tile = HopperTile<kHeadDim, kQStages>;
   constexpr int kConsumers = Tile::kConsumers;
-  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStages = Tile::kStages;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
+  constexpr int kKStages = Tile::kKStages, kVStages = Tile::kVStages;
   constexpr int kAtoms = Tile::kAtoms, kQAtomBytes = Tile::kQAtomBytes, kKvAtomBytes = Tile::kKvAtomBytes;
-  constexpr int kKvTileBytes = Tile::kKvTileBytes;
+  constexpr int kQTileBytes = Tile::kQTileBytes, kKvTileBytes = Tile::kKvTileBytes;
 
   extern __shared__ unsigned char shared_bytes[];
-  const std::uint32_t q_tile = (shared_address(shared_bytes) + 1023u) & ~1023u;
-  const auto k_tile = [&](int stage) { return q_tile + Tile::kQTileBytes + kKvTileBytes * stage; };
-  const auto v_tile = [&](int stage) { return q_tile + Tile::kQTileBytes + kKvTileBytes * (kStages + stage); };
-  const std::uint32_t barriers = q_tile + Tile::kQTileBytes + kKvTileBytes * 2 * kStages;
-  const std::uint32_t q_full = barriers, q_empty = barriers + 8;
-  const auto k_full = [&](int stage) { return barriers + 8 * (2 + stage); };
-  const auto k_empty = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
-  const auto v_full = [&](int stage) { return barriers + 8 * (2 + 2 * kStages + stage); };
-  const auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
-  // Position `it` of the k and v streams (counted over all of this CTA's work items) uses
-  // buffer it mod kStages in its (it / kStages)-th round.
-  const auto stage_of = [](int it) { return it % kStages; };
-  const auto round_parity = [](int it) { return std::uint32_t(it / kStages) & 1u; };
+  const std::uint32_t tiles_base = (shared_address(shared_bytes) + 1023u) & ~1023u;
+  const std::uint32_t kv_base = tiles_base + kQStages * kQTileBytes;
+  const auto q_tile = [&](int slot) { return tiles_base + kQTileBytes * slot; };
+  const auto k_tile = [&](int stage) { return kv_base + kKvTileBytes * stage; };
+  const auto v_tile = [&](int stage) { return kv_base + kKvTileBytes * (kKStages + stage); };
+  const std::uint32_t barriers = kv_base + kKvTileBytes * (kKStages + kVStages);
+  const auto q_full = [&](int slot) { return barriers + 8 * slot; };
+  const auto q_empty = [&](int slot) { return barriers + 8 * (kQStages + slot); };
+  const std::uint32_t kv_barriers = barriers + 8 * 2 * kQStages;
+  const auto k_full = [&](int stage) { return kv_barriers + 8 * stage; };
+  const auto k_empty = [&](int stage) { return kv_barriers + 8 * (kKStages + stage); };
+  const auto v_full = [&](int stage) { return kv_barriers + 8 * (2 * kKStages + stage); };
+  const auto v_empty = [&](int stage) { return kv_barriers + 8 * (2 * kKStages + kVStages + stage); };
+  // Position `it` of the k and v streams (counted over all of this CTA's work items) and the
+  // CTA's round-th item's q, each in its ring of buffers.
+  using QRing = BufferRing<kQStages>;
+  using KRing = BufferRing<kKStages>;
+  using VRing = BufferRing<kVStages>;
 
   const WorkItems<kBlockM> work(params);
   const int length = params.length, group = params.n_heads / params.n_kv_heads;
+  // The CTA's round-th work item: the rounds take the items in blocks of gridDim.x, alternately
+  // forwards and backwards, so that with items sorted longest first the CTAs' total work evens out.
+  const auto work_item = [&](int round) {
+    return round * int(gridDim.x) + (round % 2 == 0 ? int(blockIdx.x) : int(gridDim.x) - 1 - int(blockIdx.x));
+  };
 
   if (threadIdx.x == 0) {
-    mbarrier_init(q_full, 1);
-    mbarrier_init(q_empty, 4 * kConsumers);  // one arrival per consumer warp
-    for (int stage = 0; stage < kStages; ++stage) {
+    for (int slot = 0; slot < kQStages; ++slot) {
+      mbarrier_init(q_full(slot), 1);
+      mbarrier_init(q_empty(slot), 4 * kConsumers);  // one arrival per consumer warp
+    }
+    for (int stage = 0; stage < kKStages; ++stage) {
       mbarrier_init(k_full(stage), 1);
-      mbarrier_init(v_full(stage), 1);
       mbarrier_init(k_empty(stage), 4 * kConsumers);
+    }
+    for (int stage = 0; stage < kVStages; ++stage) {
+      mbarrier_init(v_full(stage), 1);
       mbarrier_init(v_empty(stage), 4 * kConsumers);
     }
     mbarrier_init_fence();
@@ -136,29 +175,33 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
       // A buffer is refilled once the consumers released its previous round (the first round
       // waits on the phase before the first, complete from the start).
       const auto load = [&](const CUtensorMap* map, std::uint32_t tile, std::uint32_t full, std::uint32_t empty,
-                            int it, int key0, int kv_head, int batch) {
-        mbarrier_wait(empty, round_parity(it) ^ 1u);
+                            std::uint32_t parity, int key0, int kv_head, int batch) {
+        mbarrier_wait(empty, parity ^ 1u);
         mbarrier_arrive_expect_tx(full, kKvTileBytes);
         for (int a = 0; a < kAtoms; ++a) tma_load_4d(map, tile + a * kKvAtomBytes, full, 64 * a, key0, kv_head, batch);
       };
-      int it = 0, round = 0;
-      for (int w = blockIdx.x; w < work.count; w += gridDim.x, ++round) {
+      int it = 0;
+      for (int round = 0, w = work_item(0); w < work.count; w = work_item(++round)) {
         const auto [m_block, head, batch] = work[w];
         const int q0 = m_block * kBlockM, kv_head = head / group;
         const KeyTiles<kBlockN> tiles(mask, q0, min(q0 + kBlockM, length));
-        mbarrier_wait(q_empty, (round & 1) ^ 1);
-        mbarrier_arrive_expect_tx(q_full, Tile::kQTileBytes);
-        for (int a = 0; a < kAtoms; ++a) tma_load_4d(&q_map, q_tile + a * kQAtomBytes, q_full, 64 * a, q0, head, batch);
+        const int slot = QRing::slot(round);
+        mbarrier_wait(q_empty(slot), QRing::parity(round) ^ 1u);
+        mbarrier_arrive_expect_tx(q_full(slot), kQTileBytes);
+        for (int a = 0; a < kAtoms; ++a)
+          tma_load_4d(&q_map, q_tile(slot) + a * kQAtomBytes, q_full(slot), 64 * a, q0, head, batch);
         // k runs one tile ahead of v, as the consumers use them.
+        const auto load_v = [&](int it, int tile) {
+          const int stage = VRing::slot(it);
+          load(&v_map, v_tile(stage), v_full(stage), v_empty(stage), VRing::parity(it), tile * kBlockN, kv_head, batch);
+        };
         for (int j = 0; j < tiles.count(); ++j, ++it) {
-          load(&k_map, k_tile(stage_of(it)), k_full(stage_of(it)), k_empty(stage_of(it)), it, tiles[j] * kBlockN,
-               kv_head, batch);
-          if (j > 0)
-            load(&v_map, v_tile(stage_of(it - 1)), v_full(stage_of(it - 1)), v_empty(stage_of(it - 1)), it - 1,
-                 tiles[j - 1] * kBlockN, kv_head, batch);
+          const int stage = KRing::slot(it);
+          load(&k_map, k_tile(stage), k_full(stage), k_empty(stage), KRing::parity(it), tiles[j] * kBlockN, kv_head,
+               batch);
+          if (j > 0) load_v(it - 1, tiles[j - 1]);
         }
-        load(&v_map, v_tile(stage_of(it - 1)), v_full(stage_of(it - 1)), v_empty(stage_of(it - 1)), it - 1,
-             tiles[tiles.count() - 1] * kBlockN, kv_head, batch);
+        load_v(it - 1, tiles[tiles.count() - 1]);
       }
     }
     return;
@@ -171,16 +214,16 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
   // This thread's rows within its warpgroup's 64: `row_in_block` and row_in_block + 8.
   const int row_in_block = 64 * consumer + 16 * warp + lane / 4;
 
-  // q and k are K-major: rows of 128 bytes, 8-row groups 1024 bytes apart. v is read as the
-  // MN-major B operand: keys are its K dimension, d its N dimension in 64-wide column blocks.
-  const std::uint64_t q_descriptor = wgmma_descriptor(q_tile + 64 * consumer * 128, 16, 1024);
   float s[64];
   std::uint32_t p[32];
   float o[kHeadDim / 2];
   float alpha[2];
 
-  const auto issue_scores = [&](int it) {
-    const std::uint64_t k_descriptor = wgmma_descriptor(k_tile(stage_of(it)), 16, 1024);
+  // q and k are K-major: rows of 128 bytes, 8-row groups 1024 bytes apart. v is read as the
+  // MN-major B operand: keys are its K dimension, d its N dimension in 64-wide column blocks.
+  const auto issue_scores = [&](int it, int round) {
+    const std::uint64_t q_descriptor = wgmma_descriptor(q_tile(QRing::slot(round)) + 64 * consumer * 128, 16, 1024);
+    const std::uint64_t k_descriptor = wgmma_descriptor(k_tile(KRing::slot(it)), 16, 1024);
     fence_registers(s);
     wgmma_fence();
 #pragma unroll
@@ -188,12 +231,12 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
       // 16 columns of d: atom kk / 4, 32 bytes per step inside the 128-byte swizzled row.
       const std::uint32_t step = (kk % 4) * 32;
       wgmma_ss<0, 0>(s, q_descriptor + (((kk / 4) * kQAtomBytes + step) >> 4),
-                          k_descriptor + (((kk / 4) * kKvAtomBytes + step) >> 4), kk > 0);
+                     k_descriptor + (((kk / 4) * kKvAtomBytes + step) >> 4), kk > 0);
     }
     wgmma_commit();
   };
   const auto issue_values = [&](int it) {
-    const std::uint64_t v_descriptor = wgmma_descriptor(v_tile(stage_of(it)), kKvAtomBytes, 1024);
+    const std::uint64_t v_descriptor = wgmma_descriptor(v_tile(VRing::slot(it)), kKvAtomBytes, 1024);
     fence_registers(o);
     fence_registers(p);
     wgmma_fence();
@@ -220,82 +263,119 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim>::kThreads, 1)
   const auto pass_turn = [&] {
     if constexpr (kAlternate) named_barrier_arrive(2 - consumer, 256);
   };
-  if constexpr (kAlternate)
-    if (consumer == 1) named_barrier_arrive(1, 256);
 
-  int it = 0, round = 0;
-  for (int w = blockIdx.x; w < work.count; w += gridDim.x, ++round) {
+  // A work item as the consumers see it.
+  struct Item {
+    int head, batch;
+    int round;  // the CTA's round-th item
+    int q0;     // its first query
+    KeyTiles<kBlockN> tiles;
+  };
+  const auto item_at = [&](int w, int round) {
     const auto [m_block, head, batch] = work[w];
     const int q0 = m_block * kBlockM;
-    const KeyTiles<kBlockN> tiles(mask, q0, min(q0 + kBlockM, length));
-    const int n_tiles = tiles.count();
-    const int first_row = q0 + 64 * consumer;  // this warpgroup's queries: [first_row, first_row + 64)
-    const int row = q0 + row_in_block;         // this thread's first query; the second is row + 8
-    OnlineSoftmax softmax;
-#pragma unroll
-    for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
-    const auto softmax_tile = [&](int j) {
-      const int k0 = tiles[j] * kBlockN;
-      if (!mask.all_visible(first_row, first_row + 64, k0, k0 + kBlockN))
-        hide_masked<kBlockN / 8>(s, mask, row, k0 + 2 * (lane % 4));
-      softmax.update<kBlockN / 8>(s, scale_log2, alpha);
-    };
-
-    mbarrier_wait(q_full, round & 1);
-    mbarrier_wait(k_full(stage_of(it)), round_parity(it));
-    wait_turn();
-    issue_scores(it);
-    pass_turn();
-    wgmma_wait<0>();
-    fence_registers(s);
-    release(k_empty(stage_of(it)));
-    if (n_tiles == 1) release(q_empty);
-    softmax_tile(0);
-    scores_to_operand();
-    for (int j = 1; j < n_tiles; ++j) {
-      const int next = it + 1;
-      mbarrier_wait(k_full(stage_of(next)), round_parity(next));
-      wait_turn();
-      issue_scores(next);
-      mbarrier_wait(v_full(stage_of(it)), round_parity(it));
-      issue_values(it);
-      pass_turn();
-      wgmma_wait<1>();  // S_j is ready; P_{j−1} V_{j−1} may still run
-      fence_registers(s);
-      release(k_empty(stage_of(next)));
-      if (j == n_tiles - 1) release(q_empty);  // the item's last read of q is done
-      softmax_tile(j);
-      wgmma_wait<0>();
-      fence_registers(o);
-      fence_registers(p);
-      release(v_empty(stage_of(it)));
-      rescale_rows<kHeadDim / 8>(o, alpha);
-      scores_to_operand();
-      it = next;
-    }
-    mbarrier_wait(v_full(stage_of(it)), round_parity(it));
-    issue_values(it);
-    wgmma_wait<0>();
-    fence_registers(o);
-    fence_registers(p);
-    release(v_empty(stage_of(it)));
-    ++it;
-
-    float inverse_sum[2], lse[2];
-    softmax.finish(params.scale, inverse_sum, lse);
-    bfloat16* const out = params.o + batch * params.o_strides.batch + head * kHeadDim + 2 * (lane % 4);
+    return Item{head, batch, round, q0, KeyTiles<kBlockN>(mask, q0, min(q0 + kBlockM, length))};
+  };
+  // Scores of tile j of `item` → P in place, α for the accumulator, the mask where needed.
+  OnlineSoftmax softmax;
+  const auto softmax_tile = [&](const Item& item, int j) {
+    const int k0 = item.tiles[j] * kBlockN;
+    const int first_row = item.q0 + 64 * consumer;  // this warpgroup's queries: [first_row, first_row + 64)
+    if (!mask.all_visible(first_row, first_row + 64, k0, k0 + kBlockN))
+      hide_masked<kBlockN / 8>(s, mask, item.q0 + row_in_block, k0 + 2 * (lane % 4));
+    softmax.update<kBlockN / 8>(s, scale_log2, alpha);
+  };
+  // o / l and lse of a finished item, stored from registers (rows past T are not stored).
+  const auto store_item = [&](const Item& item, const float (&inverse_sum)[2], const float (&lse)[2]) {
+    const int row = item.q0 + row_in_block;  // this thread's first query; the second is row + 8
+    bfloat16* const out = params.o + item.batch * params.o_strides.batch + item.head * kHeadDim + 2 * (lane % 4);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int query = row + 8 * r;
       if (query >= length) continue;
-      if (lane % 4 == 0) params.lse[(std::int64_t(batch) * params.n_heads + head) * length + query] = lse[r];
+      if (lane % 4 == 0)
+        params.lse[(std::int64_t(item.batch) * params.n_heads + item.head) * length + query] = lse[r];
       bfloat16* const out_row = out + query * params.o_strides.token;
 #pragma unroll
       for (int f = 0; f < kHeadDim / 8; ++f)
         *reinterpret_cast<std::uint32_t*>(out_row + 8 * f) =
             pack_bf16x2(o[4 * f + 2 * r] * inverse_sum[r], o[4 * f + 2 * r + 1] * inverse_sum[r]);
     }
+  };
+
+  if constexpr (kAlternate)
+    if (consumer == 1) named_barrier_arrive(1, 256);
+
+  // The first tile of the first item; then per step, the visit `it` of the key stream (tile j of
+  // `item`, its scores already turned into P) and the visit it + 1: tile j + 1 of `item` (the
+  // inner loop), or the first tile of the next item (kNextItem, which also finishes `item`);
+  // finally the last visit's P V.
+  Item item = item_at(work_item(0), 0);
+  int it = 0;
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+  mbarrier_wait(q_full(QRing::slot(0)), QRing::parity(0));
+  mbarrier_wait(k_full(KRing::slot(0)), KRing::parity(0));
+  wait_turn();
+  issue_scores(0, 0);
+  pass_turn();
+  wgmma_wait<0>();
+  fence_registers(s);
+  release(k_empty(KRing::slot(0)));
+  if (item.tiles.count() == 1) release(q_empty(QRing::slot(0)));
+  softmax_tile(item, 0);
+  scores_to_operand();
+  const auto step = [&](auto next_item, const Item& next, int next_j) {
+    constexpr bool kNextItem = decltype(next_item)::value;
+    if constexpr (kNextItem) mbarrier_wait(q_full(QRing::slot(next.round)), QRing::parity(next.round));
+    mbarrier_wait(k_full(KRing::slot(it + 1)), KRing::parity(it + 1));
+    wait_turn();
+    issue_scores(it + 1, next.round);
+    mbarrier_wait(v_full(VRing::slot(it)), VRing::parity(it));
+    issue_values(it);
+    pass_turn();
+    // The item's softmax statistics are final once its last tile's scores are in.
+    float inverse_sum[2], lse[2];
+    if constexpr (kNextItem) {
+      softmax.finish(params.scale, inverse_sum, lse);
+      softmax = OnlineSoftmax{};
+    }
+    wgmma_wait<1>();  // the scores of visit it + 1 are ready; P V of visit it may still run
+    fence_registers(s);
+    release(k_empty(KRing::slot(it + 1)));
+    if (next_j == next.tiles.count() - 1) release(q_empty(QRing::slot(next.round)));  // its last read of q
+    softmax_tile(next, next_j);
+    wgmma_wait<0>();
+    fence_registers(o);
+    fence_registers(p);
+    release(v_empty(VRing::slot(it)));
+    ++it;
+    if constexpr (kNextItem) {
+      store_item(item, inverse_sum, lse);
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+    } else {
+      rescale_rows<kHeadDim / 8>(o, alpha);
+    }
+    scores_to_operand();
+  };
+  while (true) {
+    for (int j = 1; j < item.tiles.count(); ++j) step(std::false_type{}, item, j);
+    const int next_w = work_item(item.round + 1);
+    if (next_w >= work.count) break;
+    const Item next = item_at(next_w, item.round + 1);
+    step(std::true_type{}, next, 0);
+    item = next;
   }
+  mbarrier_wait(v_full(VRing::slot(it)), VRing::parity(it));
+  issue_values(it);
+  float inverse_sum[2], lse[2];
+  softmax.finish(params.scale, inverse_sum, lse);
+  wgmma_wait<0>();
+  fence_registers(o);
+  fence_registers(p);
+  release(v_empty(VRing::slot(it)));
+  store_item(item, inverse_sum, lse);
 #else
   __trap();  // built without sm_90a: the launcher never takes this path on such a build's devices
 #endif
@@ -328,23 +408,33 @@ inline CUtensorMap head_tile_map(const bfloat16* base, const Strides& strides, i
 template <int kHeadDim>
 inline constexpr bool alternate_consumers = kHeadDim == 64;
 
-// Launches the Hopper kernel on at most `max_ctas` CTAs (each takes every gridDim-th work item).
-template <int kHeadDim, bool kAlternate>
-void launch_forward_hopper(const ForwardParams& params, const VisibleKeys& mask, int max_ctas, cudaStream_t stream) {
-  using Tile = HopperTile<kHeadDim>;
+// Launches forward_hopper_kernel<kHeadDim, kQStages, kAlternate> on `ctas` CTAs.
+template <int kHeadDim, int kQStages, bool kAlternate>
+void launch_forward_hopper_ctas(const ForwardParams& params, const VisibleKeys& mask, int ctas, cudaStream_t stream) {
+  using Tile = HopperTile<kHeadDim, kQStages>;
   const CUtensorMap q_map = head_tile_map(params.q, params.q_strides, params.batch, params.length, params.n_heads,
                                           kHeadDim, Tile::kBlockM, "q");
   const CUtensorMap k_map = head_tile_map(params.k, params.k_strides, params.batch, params.length,
                                           params.n_kv_heads, kHeadDim, Tile::kBlockN, "k");
   const CUtensorMap v_map = head_tile_map(params.v, params.v_strides, params.batch, params.length,
                                           params.n_kv_heads, kHeadDim, Tile::kBlockN, "v");
-  const auto kernel = forward_hopper_kernel<kHeadDim, kAlternate>;
+  const auto kernel = forward_hopper_kernel<kHeadDim, kQStages, kAlternate>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSharedBytes),
         "attention::forward: cudaFuncSetAttribute (Hopper kernel shared memory)");
-  const WorkItems<Tile::kBlockM> work(params);
-  const int ctas = work.count < max_ctas ? work.count : max_ctas;
   kernel<<<ctas, Tile::kThreads, Tile::kSharedBytes, stream>>>(q_map, k_map, v_map, params, mask);
   check(cudaGetLastError(), "attention::forward: Hopper kernel launch");
+}
+
+// Launches the Hopper kernel on at most `max_ctas` CTAs, each taking one item per gridDim.x:
+// with two q buffers where a CTA takes several, with one (and, at d_head 128, a deeper v ring)
+// otherwise.
+template <int kHeadDim, bool kAlternate>
+void launch_forward_hopper(const ForwardParams& params, const VisibleKeys& mask, int max_ctas, cudaStream_t stream) {
+  const WorkItems<HopperTile<kHeadDim, 1>::kBlockM> work(params);
+  if (work.count > max_ctas)
+    launch_forward_hopper_ctas<kHeadDim, 2, kAlternate>(params, mask, max_ctas, stream);
+  else
+    launch_forward_hopper_ctas<kHeadDim, 1, kAlternate>(params, mask, work.count, stream);
 }
 
 }  // namespace dash::cuda::attention::detail
