@@ -3,6 +3,11 @@
 // bf16 transfers to and from host float/double; and Workspace, the one scratch allocation that
 // launchers carve per call, so that a step allocates nothing.
 // Include only where the CUDA runtime is available (CUDA sources, or host code linked to cudart).
+//
+// Every kernel defined in dash's headers is a template (a thread count at least), so that each
+// translation unit that includes it instantiates the same weak definition: a plain __global__
+// function in a header is a strong definition per translation unit, and two .cu files of one
+// program would not link.
 #pragma once
 
 #include <cuda_bf16.h>

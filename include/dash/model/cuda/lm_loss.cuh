@@ -325,27 +325,29 @@ inline void dispatch_logit_rows(LmLoss kind, const RowLossParams& p, index_t row
 inline constexpr int reduce_threads = 1024;
 
 // Counts the targets in [0, vocab) and reports the first one ≥ vocab.
-__global__ void __launch_bounds__(reduce_threads)
+template <int Threads>
+__global__ void __launch_bounds__(Threads)
     count_targets_kernel(const int* targets, index_t tokens, int vocab, int* count, unsigned long long* invalid) {
   int counted = 0;
-  for (index_t t = threadIdx.x; t < tokens; t += reduce_threads) {
+  for (index_t t = threadIdx.x; t < tokens; t += Threads) {
     const int y = targets[t];
     counted += y >= 0 && y < vocab;
     if (y >= vocab && invalid) report_invalid_token(invalid, t, y);
   }
-  using BlockReduce = cub::BlockReduce<int, reduce_threads>;
+  using BlockReduce = cub::BlockReduce<int, Threads>;
   __shared__ typename BlockReduce::TempStorage storage;
   const int total = BlockReduce(storage).Sum(counted);
   if (threadIdx.x == 0) *count = total;
 }
 
 // Σ token_loss in double into the caller's scalars; the count from the device or the host.
-__global__ void __launch_bounds__(reduce_threads)
+template <int Threads>
+__global__ void __launch_bounds__(Threads)
     loss_totals_kernel(const float* token_loss, index_t tokens, const int* device_count, int host_count,
                        float* loss_sum, float* loss_mean, int* count_out) {
   double sum = 0;
-  for (index_t t = threadIdx.x; t < tokens; t += reduce_threads) sum += double(token_loss[t]);
-  using BlockReduce = cub::BlockReduce<double, reduce_threads>;
+  for (index_t t = threadIdx.x; t < tokens; t += Threads) sum += double(token_loss[t]);
+  using BlockReduce = cub::BlockReduce<double, Threads>;
   __shared__ typename BlockReduce::TempStorage storage;
   sum = BlockReduce(storage).Sum(sum);
   if (threadIdx.x == 0) {
@@ -474,8 +476,8 @@ inline void lm_loss(Gemm& gemm, const LmLossParams& p, void* workspace, std::siz
 
   if (!kl) {
     if (p.invalid_target) reset_invalid_token(p.invalid_target, stream);
-    detail::count_targets_kernel<<<1, detail::reduce_threads, 0, stream>>>(p.targets, p.tokens, p.vocab, count,
-                                                                          p.invalid_target);
+    detail::count_targets_kernel<detail::reduce_threads>
+        <<<1, detail::reduce_threads, 0, stream>>>(p.targets, p.tokens, p.vocab, count, p.invalid_target);
     check(cudaGetLastError(), "lm loss: count targets launch");
   }
   for (index_t first = 0; first < p.tokens; first += layout.chunk) {
@@ -523,7 +525,7 @@ inline void lm_loss(Gemm& gemm, const LmLossParams& p, void* workspace, std::siz
       gemm(back_shape, back, stream);
     }
   }
-  detail::loss_totals_kernel<<<1, detail::reduce_threads, 0, stream>>>(
+  detail::loss_totals_kernel<detail::reduce_threads><<<1, detail::reduce_threads, 0, stream>>>(
       token_loss, p.tokens, kl ? nullptr : count, int(p.tokens), p.loss_sum, p.loss_mean, p.count);
   check(cudaGetLastError(), "lm loss: totals launch");
 }

@@ -251,9 +251,9 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
     const std::int64_t kv_rows = std::int64_t(p.batch) * p.length * Hkv;
     const std::int64_t n = kv_rows * p.d_head;
     const int blocks = int(std::min<std::int64_t>((n + 255) / 256, 4096));
-    detail::sum_groups_kernel<<<blocks, 256, 0, stream>>>(dk_heads, p.dk, kv_rows, group, p.d_head);
+    detail::sum_groups_kernel<256><<<blocks, 256, 0, stream>>>(dk_heads, p.dk, kv_rows, group, p.d_head);
     check(cudaGetLastError(), "gla backward: dk group sum launch");
-    detail::sum_groups_kernel<<<blocks, 256, 0, stream>>>(dv_heads, p.dv, kv_rows, group, p.d_head);
+    detail::sum_groups_kernel<256><<<blocks, 256, 0, stream>>>(dv_heads, p.dv, kv_rows, group, p.d_head);
     check(cudaGetLastError(), "gla backward: dv group sum launch");
   }
 
@@ -262,7 +262,8 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
   gate.final_state = final_state, gate.d_final_state = p.d_final_state;
   gate.dg = p.dg;
   gate.batch = p.batch, gate.length = p.length, gate.n_heads = H, gate.d_head = p.d_head;
-  detail::gate_gradient_kernel<<<dim3(unsigned(H), unsigned(p.batch)), detail::gate_threads, 0, stream>>>(gate);
+  detail::gate_gradient_kernel<detail::gate_threads>
+      <<<dim3(unsigned(H), unsigned(p.batch)), detail::gate_threads, 0, stream>>>(gate);
   check(cudaGetLastError(), "gla backward: dg scan launch");
 }
 

@@ -32,9 +32,10 @@ struct GateGradient {
 
 inline constexpr int gate_threads = 256, gate_items = 4;
 
-__global__ void __launch_bounds__(gate_threads) gate_gradient_kernel(GateGradient p) {
-  using Scan = cub::BlockScan<float, gate_threads>;
-  using Reduce = cub::BlockReduce<float, gate_threads>;
+template <int Threads>
+__global__ void __launch_bounds__(Threads) gate_gradient_kernel(GateGradient p) {
+  using Scan = cub::BlockScan<float, Threads>;
+  using Reduce = cub::BlockReduce<float, Threads>;
   __shared__ union {
     typename Scan::TempStorage scan;
     typename Reduce::TempStorage reduce;
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(gate_threads) gate_gradient_kernel(GateGradien
     const float* S = p.final_state + head * n;
     const float* dS = p.d_final_state + head * n;
     float sum = 0.f;
-    for (std::int64_t i = threadIdx.x; i < n; i += gate_threads) sum += dS[i] * S[i];
+    for (std::int64_t i = threadIdx.x; i < n; i += Threads) sum += dS[i] * S[i];
     sum = Reduce(temp.reduce).Sum(sum);
     if (threadIdx.x == 0) boundary = sum;
   }
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(gate_threads) gate_gradient_kernel(GateGradien
   } running{boundary};
   const float* q_dot = p.q_dot + head * p.partials * T;
   const float* k_dot = p.k_dot + head * p.partials * T;
-  for (int base = 0; base < T; base += gate_threads * gate_items) {
+  for (int base = 0; base < T; base += Threads * gate_items) {
     float terms[gate_items];
 #pragma unroll
     for (int i = 0; i < gate_items; ++i) {
@@ -87,7 +88,8 @@ __global__ void __launch_bounds__(gate_threads) gate_gradient_kernel(GateGradien
 }
 
 // out[b, t, j, :] = Σ_{h in group j} in[b, t, h, :], in fp32 [B, T, H, D], out bf16 [B, T, Hkv, D].
-__global__ void sum_groups_kernel(const float* in, bfloat16* out, std::int64_t kv_rows, int group, int d_head) {
+template <int Threads>
+__global__ void __launch_bounds__(Threads) sum_groups_kernel(const float* in, bfloat16* out, std::int64_t kv_rows, int group, int d_head) {
   const std::int64_t n = kv_rows * d_head;
   for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
        i += std::int64_t(gridDim.x) * blockDim.x) {

@@ -551,7 +551,8 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
 // segment_states) and log decays G_p, in the sweep's direction:
 //   R_in[first] = the sweep's initial state (or 0),  R_in[next] = e^{G_p} R_in[p] + L_p
 // One thread per element of R; grid (⌈D²/256⌉, heads, batch × sweeps).
-__global__ void __launch_bounds__(256) combine_segments_kernel(const __grid_constant__ SweepBatch p) {
+template <int Threads>
+__global__ void __launch_bounds__(Threads) combine_segments_kernel(const __grid_constant__ SweepBatch p) {
   const Sweep& s = p.sweep[blockIdx.z % p.n_sweeps];
   const int b = blockIdx.z / p.n_sweeps, h = blockIdx.y, D = p.d_head, P = p.segments;
   const int element = blockIdx.x * blockDim.x + threadIdx.x;
@@ -605,7 +606,7 @@ void launch_sweeps(SweepBatch batch, cudaStream_t stream) {
     kernel<<<grid, Shape::threads, Shape::smem_bytes, stream>>>(batch);
     check(cudaGetLastError(), "gla sweep launch (segment states)");
     const int elements = batch.d_head * batch.d_head;
-    combine_segments_kernel<<<dim3(unsigned((elements + 255) / 256), unsigned(batch.n_heads),
+    combine_segments_kernel<256><<<dim3(unsigned((elements + 255) / 256), unsigned(batch.n_heads),
                                    unsigned(batch.batch * batch.n_sweeps)),
                               256, 0, stream>>>(batch);
     check(cudaGetLastError(), "gla segment combine launch");
