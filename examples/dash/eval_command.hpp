@@ -1,13 +1,16 @@
 // `dash eval`: stage 3. The searched architecture (OUT/arch.json) and every selector baseline at
 // the same budget, scored on held-out text (KL to the teacher, perplexity) and on retrieval
 // (passkey and multi-key needle, exact match); with --enumerate, every architecture under the
-// budget too. Writes OUT/eval.json and OUT/report.svg.
+// budget too. Writes OUT/eval.json and OUT/report.svg. With --device cuda every score and every
+// retrieval forward runs on the GPU (device_model.hpp); the CPU path is the reference.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,6 +19,7 @@
 #include "dash/search/baselines.hpp"
 #include "dash/search/evaluate.hpp"
 #include "dash/search/knapsack.hpp"
+#include "device_model.hpp"
 #include "interrupt.hpp"
 #include "report_svg.hpp"
 #include "retrieval.hpp"
@@ -56,6 +60,22 @@ inline double retrieval_accuracy(const SearchDecoder& d, const std::vector<int>&
   }
   return prompts.empty() ? 0 : double(hits) / double(prompts.size());
 }
+
+// The same on the GPU: the prompts in batches, one forward each.
+inline double retrieval_accuracy(DeviceScorer& scorer, const std::vector<int>& ops,
+                                 const std::vector<RetrievalPrompt>& prompts) {
+  std::vector<std::vector<int>> inputs;
+  for (const auto& p : prompts) inputs.emplace_back(p.ids.begin(), p.ids.end() - 1);
+  const std::vector<std::vector<int>> next = scorer.next_tokens(inputs, ops);
+  int hits = 0;
+  for (std::size_t k = 0; k < prompts.size(); ++k) hits += exact_match(prompts[k], next[k]);
+  return prompts.empty() ? 0 : double(hits) / double(prompts.size());
+}
+
+// Tokens per batch on the GPU: enough for whole retrieval prompts and many held-out windows at
+// once, small enough that the model's workspace (L + 1 fp32 residual streams of this many rows)
+// stays a small part of the device.
+inline constexpr index_t device_batch_tokens = 16384;
 
 inline std::vector<int> ops_from_arch_json(const Workspace& ws, const nlohmann::json& j) {
   require(j.value("teacher_fingerprint", "") == ws.fingerprint, ws.arch_path().string(),
@@ -98,34 +118,6 @@ inline int run_eval(Workspace& ws) {
   const auto held_windows = consecutive_windows(ws.corpus.held_out, T, 1, ws.args.eval_tokens);
   const auto calib_windows = consecutive_windows(ws.corpus.calibration, T, 1, std::min(ws.args.eval_tokens, 4 * T));
   require(!held_windows.empty(), "eval: the held-out text has fewer than seq_len + 1 = ", T + 1, " tokens");
-  const HeldOut held(model, held_windows, 1, T), calibration(model, calib_windows, 1, T);
-  Stopwatch clock;
-
-  std::vector<Scored> methods{{"dash", searched, {}, 0, {}}};
-  std::vector<search::Selection> baselines;
-  int filler = -1;
-  if (ws.ops.candidate[softmax_op]) {
-    double best = INFINITY;  // the filler: the cheaper candidate that does least harm in every layer
-    for (int i = 0; i < n_ops; ++i) {
-      const std::vector<int> uniform(std::size_t(ws.decoder.n_layers()), i);
-      if (i == softmax_op || !ws.ops.candidate[std::size_t(i)] || !costs.fits(costs.total(uniform))) continue;
-      const double kl = calibration.score(uniform).kl;
-      if (kl < best) best = kl, filler = i;
-    }
-  }
-  if (filler >= 0) {
-    const search::SoftmaxPlacement place(costs, softmax_op, filler);
-    const int K = place.softmax_layers();
-    std::fprintf(stderr, "eval: baselines keep %d softmax layers, %s elsewhere\n", K, ws.ops.name(filler).c_str());
-    methods.push_back({"even", place.even(), {}, 0, {}});
-    methods.push_back({"first-K", place.first(), {}, 0, {}});
-    methods.push_back({"last-K", place.last(), {}, 0, {}});
-    for (int s = 1; s <= ws.args.random_baselines; ++s)
-      methods.push_back({"random", place.random(ws.args.seed * 1000 + std::uint64_t(s)), {}, 0, {}});
-    methods.push_back({"kl-guided", place.kl_guided([&](const std::vector<int>& ops) { return calibration.score(ops).kl; }), {}, 0, {}});
-  } else {
-    std::fprintf(stderr, "eval: no selector baselines (they need softmax and a cheaper candidate that fits the budget)\n");
-  }
 
   // Prompts per task and context; a context too short for a task's question is left out.
   const auto contexts = retrieval_contexts(ws);
@@ -138,18 +130,81 @@ inline int run_eval(Workspace& ws) {
       } catch (const Error& e) {
         std::fprintf(stderr, "eval: no %s prompts at context %lld: %s\n", task.c_str(), (long long)c, e.what());
       }
+
+  // Scores on held-out and calibration text: HeldOut on the CPU, or the GPU's copy of the model.
+  std::optional<HeldOut> held_cpu, calibration_cpu;
+  std::unique_ptr<DeviceScorer> device;
+  std::size_t held_text = 0, calibration_text = 0;
+  if (ws.args.device == "cuda") {
+    // Sequences as long as the longest prompt; batches as large as all windows of a text or all
+    // prompts of a task and context (padded to the longest of them), up to device_batch_tokens.
+    index_t longest = T;
+    index_t wanted = index_t(std::max(held_windows.size(), calib_windows.size())) * T;
+    for (const auto& [task, by_context] : prompts)
+      for (const auto& [c, some] : by_context) {
+        index_t longest_here = 0;
+        for (const auto& p : some) longest_here = std::max(longest_here, index_t(p.ids.size()) - 1);
+        longest = std::max(longest, longest_here);
+        wanted = std::max(wanted, index_t(some.size()) * longest_here);
+      }
+    const index_t max_tokens = std::max(longest, std::min(device_batch_tokens, wanted));
+    device = make_cuda_scorer(ws.decoder, max_tokens, longest);
+    std::fprintf(stderr, "eval: on %s (batches of up to %lld tokens, sequences up to %lld)\n",
+                 device->device_name().c_str(), (long long)max_tokens, (long long)longest);
+    held_text = device->add_text(held_windows, T);
+    calibration_text = device->add_text(calib_windows, T);
+  } else {
+    held_cpu.emplace(model, held_windows, 1, T);
+    calibration_cpu.emplace(model, calib_windows, 1, T);
+  }
+  const auto held_score = [&](const std::vector<int>& ops) {
+    return device ? device->score(held_text, ops) : held_cpu->score(ops);
+  };
+  const auto calibration_score = [&](const std::vector<int>& ops) {
+    return device ? device->score(calibration_text, ops) : calibration_cpu->score(ops);
+  };
+  Stopwatch clock;
+
+  std::vector<Scored> methods{{"dash", searched, {}, 0, {}}};
+  std::vector<search::Selection> baselines;
+  int filler = -1;
+  if (ws.ops.candidate[softmax_op]) {
+    double best = INFINITY;  // the filler: the cheaper candidate that does least harm in every layer
+    for (int i = 0; i < n_ops; ++i) {
+      const std::vector<int> uniform(std::size_t(ws.decoder.n_layers()), i);
+      if (i == softmax_op || !ws.ops.candidate[std::size_t(i)] || !costs.fits(costs.total(uniform))) continue;
+      const double kl = calibration_score(uniform).kl;
+      if (kl < best) best = kl, filler = i;
+    }
+  }
+  if (filler >= 0) {
+    const search::SoftmaxPlacement place(costs, softmax_op, filler);
+    const int K = place.softmax_layers();
+    std::fprintf(stderr, "eval: baselines keep %d softmax layers, %s elsewhere\n", K, ws.ops.name(filler).c_str());
+    methods.push_back({"even", place.even(), {}, 0, {}});
+    methods.push_back({"first-K", place.first(), {}, 0, {}});
+    methods.push_back({"last-K", place.last(), {}, 0, {}});
+    for (int s = 1; s <= ws.args.random_baselines; ++s)
+      methods.push_back({"random", place.random(ws.args.seed * 1000 + std::uint64_t(s)), {}, 0, {}});
+    methods.push_back({"kl-guided", place.kl_guided([&](const std::vector<int>& ops) { return calibration_score(ops).kl; }), {}, 0, {}});
+  } else {
+    std::fprintf(stderr, "eval: no selector baselines (they need softmax and a cheaper candidate that fits the budget)\n");
+  }
+
   const auto score_retrieval = [&](Scored& m) {
     for (const auto& [task, by_context] : prompts)
-      for (const auto& [c, some] : by_context) m.retrieval[task][c] = retrieval_accuracy(ws.decoder, m.ops, some);
+      for (const auto& [c, some] : by_context)
+        m.retrieval[task][c] =
+            device ? retrieval_accuracy(*device, m.ops, some) : retrieval_accuracy(ws.decoder, m.ops, some);
   };
   Scored teacher{"all-softmax", std::vector<int>(std::size_t(ws.decoder.n_layers()), softmax_op), {}, 1, {}};
   Progress progress("eval", double(methods.size() + 1));
-  teacher.quality = held.score(teacher.ops);
+  teacher.quality = held_score(teacher.ops);
   score_retrieval(teacher);
   for (std::size_t k = 0; k < methods.size(); ++k) {
     if (interrupt_requested()) return interrupted_status;
     Scored& m = methods[k];
-    m.quality = held.score(m.ops);
+    m.quality = held_score(m.ops);
     m.cost_fraction = costs.total(m.ops) / costs.reference;
     score_retrieval(m);
     progress.update(double(k + 1), m.name + " KL " + std::to_string(m.quality.kl));
@@ -167,7 +222,7 @@ inline int run_eval(Workspace& ws) {
     rank = 1;
     for (std::size_t k = 0; k < all.size(); ++k) {
       if (interrupt_requested()) return interrupted_status;
-      const double kl = held.score(all[k]).kl, cost = costs.total(all[k]) / costs.reference;
+      const double kl = held_score(all[k]).kl, cost = costs.total(all[k]) / costs.reference;
       enumerated.push_back({{"ops", layer_list(ws.ops, all[k])}, {"cost_fraction", cost}, {"kl", kl}});
       points.push_back({"enumerated", cost, std::max(kl, 1e-12)});  // the log axis needs KL > 0
       rank += all[k] != searched && kl < methods[0].quality.kl;
@@ -195,7 +250,8 @@ inline int run_eval(Workspace& ws) {
                                 {"ops", ws.ops.to_string()},
                                 {"budget", ws.budget.to_string()},
                                 {"budget_fraction", costs.limit / costs.reference},
-                                {"held_out_tokens", held.size() * std::size_t(T)},
+                                {"device", ws.args.device},
+                                {"held_out_tokens", held_windows.size() * std::size_t(T)},
                                 {"held_out", ws.corpus.source},
                                 {"retrieval_contexts", contexts},
                                 {"retrieval_prompts_per_context", ws.args.retrieval_prompts},

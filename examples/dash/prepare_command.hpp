@@ -21,6 +21,8 @@ inline int run_prepare(Workspace& ws) {
     std::printf("prepare: %s use the teacher's own weights; nothing to prepare\n", ws.ops.to_string().c_str());
     return 0;
   }
+  if (ws.args.device == "cuda")
+    std::fprintf(stderr, "prepare: candidate preparation runs on the CPU reference (--device cuda applies to the search)\n");
   const index_t tokens = ws.args.prepare_tokens > 0 ? ws.args.prepare_tokens : ws.args.tokens;
   const index_t steps = ws.steps_for(tokens), B = ws.args.batch, T = ws.seq_len;
   search::CandidatePreparation<float, Softmax, SlidingWindow<>, GatedLinear, GatedDeltaNet> prep(

@@ -12,6 +12,7 @@
 
 #include "dash/search/checkpoint.hpp"
 #include "dash/search/differentiable_search.hpp"
+#include "device_model.hpp"
 #include "interrupt.hpp"
 #include "workspace.hpp"
 
@@ -72,8 +73,9 @@ inline std::string search_signature(const Workspace& ws, const search::SearchOpt
   return s.str();
 }
 
-inline int run_search(Workspace& ws) {
-  const std::optional<io::CandidatesInfo> candidates = load_prepared(ws);
+// The search with the model that runs its steps: the CPU reference or the GPU.
+template <search::SearchModel Model>
+int run_search_with(Workspace& ws, Model& model, const std::optional<io::CandidatesInfo>& candidates) {
   const search::CostTable costs = ws.costs();
   if (costs.fits(costs.dearest()))
     std::fprintf(stderr, "search: budget %s does not bind: the dearest architecture (%.3g of all-softmax) fits\n",
@@ -83,8 +85,7 @@ inline int run_search(Workspace& ws) {
                                       .lr = ws.args.lr,
                                       .relaxation = search::parse_relaxation(ws.args.relaxation),
                                       .seed = ws.args.seed};
-  SearchModel model = ws.model();
-  search::DifferentiableSearch<SearchModel> searching(model, costs, options);
+  search::DifferentiableSearch<Model> searching(model, costs, options);
   const std::string signature = search_signature(ws, options);
 
   std::vector<LogRow> rows;
@@ -106,9 +107,9 @@ inline int run_search(Workspace& ws) {
   const double seconds_before = rows.empty() ? 0 : rows.back().seconds;
   const double tokens_before = double(searching.state().step * B * T);
 
-  std::fprintf(stderr, "search: %s, ops %s, budget %s at context %lld, %lld steps of %lld × %lld tokens\n",
+  std::fprintf(stderr, "search: %s, ops %s, budget %s at context %lld, %lld steps of %lld × %lld tokens on %s\n",
                ws.model_name.c_str(), ws.ops.to_string().c_str(), ws.budget.to_string().c_str(), (long long)ws.context,
-               (long long)options.steps, (long long)B, (long long)T);
+               (long long)options.steps, (long long)B, (long long)T, ws.args.device.c_str());
   Progress progress("search", double(options.steps * B * T) - tokens_before);
   Stopwatch since_checkpoint_timer;
   double last_checkpoint = 0;
@@ -174,6 +175,7 @@ inline int run_search(Workspace& ws) {
         {"seq_len", T},
         {"seconds", seconds},
         {"relaxation", ws.args.relaxation},
+        {"device", ws.args.device},
         {"lr", options.lr},
         {"seed", options.seed},
         {"data", ws.corpus.source}}}};
@@ -186,6 +188,17 @@ inline int run_search(Workspace& ws) {
   std::printf("arch.json: %s (%.0f s, %lld tokens)\n", ws.arch_path().c_str(), seconds,
               (long long)(options.steps * B * T));
   return 0;
+}
+
+inline int run_search(Workspace& ws) {
+  const std::optional<io::CandidatesInfo> candidates = load_prepared(ws);
+  if (ws.args.device == "cuda") {
+    CudaSearchModel model(ws.decoder, ws.args.batch, ws.seq_len);
+    std::fprintf(stderr, "search: on %s\n", model.device_name().c_str());
+    return run_search_with(ws, model, candidates);
+  }
+  SearchModel model = ws.model();
+  return run_search_with(ws, model, candidates);
 }
 
 }  // namespace dash::tool
