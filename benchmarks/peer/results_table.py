@@ -50,7 +50,10 @@ def main():
     sections = []
     for path in files:
         with open(path) as f:
-            sections.append(f"### {os.path.basename(path)}\n\n" + table(json.load(f)))
+            result = json.load(f)
+        # Per-operator records (bench_ops.py); the search step's results have their own table.
+        if result.get("records") and "op" in result["records"][0]:
+            sections.append(f"### {os.path.basename(path)}\n\n" + table(result))
     block = BEGIN + "\n" + "\n\n".join(sections) + "\n" + END
     results_md = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     with open(results_md) as f:
