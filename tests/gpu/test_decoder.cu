@@ -36,6 +36,7 @@
 #include "support/gpu.hpp"
 #include "support/random.hpp"
 #include "support/random_model.hpp"
+#include "support/search_model.hpp"
 
 using namespace dash;
 namespace cm = dash::cuda::model;
@@ -44,46 +45,6 @@ using dash::cuda::bfloat16;
 namespace {
 
 constexpr double decoder_tolerance = 2e-2;
-
-// DASH_FIXTURES, else tests/fixtures next to this file (the path the compiler was given).
-std::filesystem::path fixtures() {
-  if (const char* env = std::getenv("DASH_FIXTURES")) return env;
-  return std::filesystem::path(__FILE__).parent_path().parent_path() / "fixtures";
-}
-
-template <class From>
-Tensor<double> bf16_rounded(const Tensor<From>& t) {
-  if (t.empty()) return {};
-  Tensor<double> out(t.shape());
-  for (index_t i = 0; i < t.numel(); ++i) out.data()[i] = double(bf16(float(t.data()[i])));
-  return out;
-}
-
-// The weights as the device holds them, in float64.
-template <class From>
-model::Weights<double> bf16_rounded(const model::Weights<From>& w) {
-  model::Weights<double> r;
-  r.embedding = bf16_rounded(w.embedding);
-  r.final_norm = bf16_rounded(w.final_norm);
-  r.lm_head = bf16_rounded(w.lm_head);
-  for (const model::LayerWeights<From>& l : w.layers) {
-    model::LayerWeights<double> o;
-    o.attn_norm = bf16_rounded(l.attn_norm);
-    o.attention.wq = bf16_rounded(l.attention.wq);
-    o.attention.wk = bf16_rounded(l.attention.wk);
-    o.attention.wv = bf16_rounded(l.attention.wv);
-    o.attention.wo = bf16_rounded(l.attention.wo);
-    o.attention.bq = bf16_rounded(l.attention.bq);
-    o.attention.bk = bf16_rounded(l.attention.bk);
-    o.attention.bv = bf16_rounded(l.attention.bv);
-    o.mlp_norm = bf16_rounded(l.mlp_norm);
-    o.w_gate = bf16_rounded(l.w_gate);
-    o.w_up = bf16_rounded(l.w_up);
-    o.w_down = bf16_rounded(l.w_down);
-    r.layers.push_back(std::move(o));
-  }
-  return r;
-}
 
 dash::cuda::DeviceTensor<int> device_ids(const std::vector<int>& ids) {
   Tensor<int> host(Shape{index_t(ids.size())});
@@ -148,7 +109,7 @@ TEST_CASE("decoder forward: hidden states and logits match the CPU decoder on bf
     c.qkv_bias = v.qkv_bias, c.tied_embeddings = v.tied;
     c.rope = {v.rope, 10000.0};
     c.sliding_window = v.window;
-    const model::Weights<double> w = bf16_rounded(model::Weights<double>::random(c, rng));
+    const model::Weights<double> w = test::bf16_rounded(model::Weights<double>::random(c, rng));
     const std::vector<int> ids = test::random_ids(rng, v.batch * v.length, c.vocab_size);
     const Reference want = v.window ? cpu_reference(c, w, ids, v.batch, v.length, rng, SlidingWindow<>(v.window))
                                     : cpu_reference(c, w, ids, v.batch, v.length, rng, Softmax{});
@@ -173,7 +134,7 @@ TEST_CASE("decoder forward: hidden states and logits match the CPU decoder on bf
 
 TEST_CASE("decoder on stories260K: NLL of the first 300 predicted tokens of the first story is 1.3106 ± 0.01") {
   if (!test::gpu_available()) return;
-  const auto dir = fixtures();
+  const auto dir = test::fixtures();
   const auto checkpoint = dir / "stories260K" / "stories260K.bin";
   const auto ids_file = dir / "tokenizer" / "stories260K_first_story_ids.json";
   if (!std::filesystem::exists(checkpoint) || !std::filesystem::exists(ids_file)) {
@@ -213,7 +174,7 @@ TEST_CASE("decoder on stories260K: NLL of the first 300 predicted tokens of the 
 
   // The CPU decoder in float64 on the same bf16 weights: what the GPU computes, without the
   // activations' rounding.
-  const model::Weights<double> w = bf16_rounded(ckpt.weights);
+  const model::Weights<double> w = test::bf16_rounded(ckpt.weights);
   Rng rng(0);
   const Reference want = cpu_reference(ckpt.config, w, ids, 1, T, rng, Softmax{});
   const model::LossValue cpu = model::nll_loss<double>(w.head().view(), want.hidden.view(), targets);

@@ -65,6 +65,12 @@ model::Weights<double> transformed(const model::Weights<From>& w, F&& f) {
   return r;
 }
 
+// The weights as the device holds them (bf16), in float64.
+template <class From>
+model::Weights<double> bf16_rounded(const model::Weights<From>& w) {
+  return transformed(w, [](const auto& t) { return bf16_rounded(t); });
+}
+
 // t with every element multiplied by (1 + u·2⁻⁸), u uniform in [−1, 1]: one bf16-sized rounding.
 inline Tensor<double> perturbed(const Tensor<double>& t, Rng& rng) {
   Tensor<double> out = t;
@@ -78,7 +84,7 @@ template <class From>
 CpuSearchDecoder make_cpu_decoder(const model::Config& c, const model::Weights<From>& w, Rng& rng,
                                   SlidingWindow<> swa, GatedLinear gla, GatedDeltaNet gdn,
                                   Rng* perturbation = nullptr) {
-  model::Weights<double> rounded = transformed(w, [](const auto& t) { return bf16_rounded(t); });
+  model::Weights<double> rounded = bf16_rounded(w);
   if (perturbation) rounded = transformed(rounded, [&](const Tensor<double>& t) { return perturbed(t, *perturbation); });
   CpuSearchDecoder decoder = make_decoder<double>(c, rounded, rng, Softmax{}, swa, gla, gdn);
   for (auto& mixer : decoder.mixers())
