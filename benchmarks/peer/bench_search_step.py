@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import search_step  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 CHUNK = 64
@@ -141,7 +142,7 @@ def time_pytorch(case, batch, gate, args):
         progress(f"{case['shape']} pytorch ({gate}) {batch}×{case['seq']}: building")
         step = search_step.PeerStep(case["shape"], case["ops"], batch, case["seq"], gate)
         tokens = torch.randint(0, step.model.s["vocab"], (batch, case["seq"]), device="cuda")
-        ms = search_step.median_ms(logged(lambda: step(tokens), f"{case['shape']} pytorch"), args.warmup,
+        ms = median_ms(logged(lambda: step(tokens), f"{case['shape']} pytorch"), args.warmup,
                                    args.steps)
         loss = step(tokens).item()
         grad = step.alpha.grad
@@ -174,7 +175,7 @@ def time_dash(dash, case, batch, args):
                                                      ctypes.c_void_p(pi.data_ptr()), stream_ptr()),
                        "dash_search_step_run")
 
-        ms = search_step.median_ms(logged(step, f"{case['shape']} dash"), args.warmup, args.steps)
+        ms = median_ms(logged(step, f"{case['shape']} dash"), args.warmup, args.steps)
         loss = (ctypes.c_float * 2)()
         grad = (ctypes.c_float * (s["layers"] * len(ops)))()
         dash.check(dash.lib.dash_search_step_read(handle, loss, grad, stream_ptr()), "dash_search_step_read")

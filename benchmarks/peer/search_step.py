@@ -38,6 +38,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from timing import median_ms
+
 SHAPES = {
     # layers, d_model, heads, kv heads, d_head, d_ff, vocab, rope theta, tied head, q/k/v biases
     "smollm2": dict(layers=30, d=576, heads=9, kv=3, d_head=64, ff=1536, vocab=49152, theta=100000.0, tied=True,
@@ -256,22 +258,6 @@ class PeerStep:
         loss = kl_loss(self.model, teacher_h, student_h)
         loss.backward()
         return loss
-
-
-def median_ms(fn, warmup, steps):
-    """Median of `steps` CUDA-event timings on the current stream, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2]
 
 
 def main():
