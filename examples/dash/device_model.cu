@@ -1,5 +1,5 @@
-// The tool's one CUDA translation unit: the search step and the evaluation's scoring of the
-// tool's decoder type on the GPU.
+// The tool's one CUDA translation unit: candidate preparation, the search step and the
+// evaluation's scoring of the tool's decoder type on the GPU.
 #include "device_model.hpp"
 
 #include <algorithm>
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "dash/core/cuda.hpp"
+#include "dash/model/cuda/prepare.cuh"
 #include "dash/model/cuda/search_model.cuh"
 
 namespace dash::tool {
@@ -28,6 +29,22 @@ class CudaStep final : public DeviceSearchStep {
 
  private:
   DeviceModel model_;
+  std::string name_;
+};
+
+class CudaPreparation final : public DevicePreparation {
+ public:
+  CudaPreparation(const SearchDecoder& decoder, std::vector<bool> prepare, search::PrepareOptions options,
+                  index_t batch, index_t length, std::string name)
+      : preparation_(decoder, std::move(prepare), options, batch * length, length), name_(std::move(name)) {}
+
+  double step(const model::TokenBatch& batch, std::int64_t step) override { return preparation_.step(batch, step); }
+  search::AlignmentErrors errors(const model::TokenBatch& batch) override { return preparation_.errors(batch); }
+  void write_back(SearchDecoder& decoder) override { preparation_.write_back(decoder); }
+  std::string device_name() const override { return name_; }
+
+ private:
+  cuda::model::DeviceCandidatePreparation<Softmax, SlidingWindow<>, GatedLinear, GatedDeltaNet> preparation_;
   std::string name_;
 };
 
@@ -202,6 +219,12 @@ class CudaScorer final : public DeviceScorer {
 };
 
 }  // namespace
+
+std::unique_ptr<DevicePreparation> make_cuda_preparation(const SearchDecoder& decoder, std::vector<bool> prepare,
+                                                         search::PrepareOptions options, index_t batch, index_t length) {
+  std::string name = cuda_device_name();
+  return std::make_unique<CudaPreparation>(decoder, std::move(prepare), options, batch, length, std::move(name));
+}
 
 std::unique_ptr<DeviceSearchStep> make_cuda_search_step(const SearchDecoder& decoder, index_t batch, index_t length) {
   std::string name = cuda_device_name();

@@ -1,9 +1,10 @@
-// The search step and the evaluation's scoring on the GPU, behind small interfaces: only
-// device_model.cu is compiled by nvcc, and a build without CUDA still links (make_cuda_search_step
-// and make_cuda_scorer then throw).
+// Candidate preparation, the search step and the evaluation's scoring on the GPU, behind small
+// interfaces: only device_model.cu is compiled by nvcc, and a build without CUDA still links
+// (the make_cuda_* functions then throw).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -11,9 +12,32 @@
 #include "dash/model/decoder.hpp"
 #include "dash/search/evaluate.hpp"
 #include "dash/search/mixture.hpp"
+#include "dash/search/prepare.hpp"
 #include "search_space.hpp"
 
 namespace dash::tool {
+
+// search::CandidatePreparation's steps on a GPU; write_back copies the trained candidates into
+// the decoder the preparation was made from.
+class DevicePreparation {
+ public:
+  virtual ~DevicePreparation() = default;
+  virtual double step(const model::TokenBatch& batch, std::int64_t step) = 0;
+  virtual search::AlignmentErrors errors(const model::TokenBatch& batch) = 0;
+  virtual void write_back(SearchDecoder& decoder) = 0;
+  virtual std::string device_name() const = 0;
+};
+
+// For batches of at most batch × length tokens. Throws a dash::Error when no GPU is present.
+#ifdef DASH_TOOL_CUDA
+std::unique_ptr<DevicePreparation> make_cuda_preparation(const SearchDecoder& decoder, std::vector<bool> prepare,
+                                                         search::PrepareOptions options, index_t batch, index_t length);
+#else
+inline std::unique_ptr<DevicePreparation> make_cuda_preparation(const SearchDecoder&, std::vector<bool>,
+                                                                search::PrepareOptions, index_t, index_t) {
+  fail("--device cuda: this build of dash has no CUDA (configure with a CUDA compiler and CMake >= 3.28); use --device cpu");
+}
+#endif
 
 // search::SearchModel's step, run on a GPU.
 class DeviceSearchStep {

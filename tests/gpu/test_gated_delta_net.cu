@@ -1,6 +1,7 @@
 // GatedDeltaNet CUDA kernels (dash::cuda::gdn) against the Eigen reference in double on the
 // same bf16-rounded inputs, and identities on the GPU: chunked == recurrent decode, a split
-// sequence carried by its state == the whole, GQA == repeated state heads.
+// sequence carried by its state == the whole, GQA == repeated state heads, q, k, v (and dq, dk,
+// dv) as column blocks of fused row-major buffers == the dense layout, bit for bit.
 //
 // Tolerances (relative L2): o, dq, dk, dv are bf16 outputs (test::bf16_tolerance). The final
 // state, d_initial_state, dg and dβ are stored in fp32 but come out of tensor-core products whose
@@ -15,8 +16,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "dash/core/cuda.hpp"
@@ -443,6 +446,153 @@ TEST_CASE("gdn sanitizer subset: small forward, backward and decode") {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row strides: q, k, v as column blocks of one fused projection output and dq, dk, dv written
+// into one fused gradient buffer give the dense layout's results bit for bit (the kernels only
+// address rows differently), and leave the padding columns untouched.
+
+namespace {
+
+// A row-major [B·T, ld] bf16 buffer holding [B, T, heads, D] tensors side by side as column
+// blocks, the layout of a fused projection's output; the other columns are padding. `shift`
+// elements precede the first row (an odd shift leaves every row unaligned).
+struct FusedRows {
+  index_t B, T, ld, shift;
+  DeviceTensor<bfloat16> buffer;
+
+  FusedRows(index_t B_, index_t T_, index_t ld_, index_t shift_)
+      : B(B_), T(T_), ld(ld_), shift(shift_), buffer(Shape{shift_ + B_ * T_ * ld_}) {}
+
+  // Uploads the blocks (each at its first column), random values everywhere else.
+  void upload(const std::vector<std::pair<index_t, const Tensor<double>*>>& blocks, Rng& rng) {
+    Tensor<double> host = rounded(buffer.shape(), rng, 1.0, to_bf16);
+    for (const auto& [col, x] : blocks) {
+      const index_t width = x->dim(2) * x->dim(3);
+      for (index_t bt = 0; bt < B * T; ++bt)
+        std::copy_n(x->data() + bt * width, width, host.data() + shift + bt * ld + col);
+    }
+    buffer = cuda::to_device_bf16(std::as_const(host).view());
+  }
+
+  template <class V>
+  TensorView<V> block(index_t col, index_t heads, index_t D) {
+    return TensorView<V>(buffer.data() + shift + col, Shape{B, T, heads, D}, {T * ld, ld, D, 1}, Device::cuda);
+  }
+
+  // The blocks back on the host; every element outside them must still hold the poison (all bits set).
+  std::vector<Tensor<double>> download(const std::vector<std::tuple<index_t, index_t, index_t>>& blocks) const {
+    const Tensor<bfloat16> host = buffer.to_host();
+    std::vector<bool> inside(std::size_t(buffer.numel()), false);
+    std::vector<Tensor<double>> out;
+    for (const auto& [col, heads, D] : blocks) {
+      Tensor<double> x(Shape{B, T, heads, D});
+      for (index_t bt = 0; bt < B * T; ++bt)
+        for (index_t e = 0; e < heads * D; ++e) {
+          const index_t at = shift + bt * ld + col + e;
+          x.data()[bt * heads * D + e] = double(float(host.data()[at]));
+          inside[std::size_t(at)] = true;
+        }
+      out.push_back(std::move(x));
+    }
+    index_t touched = 0;
+    for (index_t i = 0; i < buffer.numel(); ++i) {
+      std::uint16_t bits;
+      std::memcpy(&bits, host.data() + i, sizeof bits);
+      touched += !inside[std::size_t(i)] && bits != 0xFFFF;
+    }
+    CHECK_MESSAGE(touched == 0, touched, " padding elements were written");
+    return out;
+  }
+};
+
+bool same_bits(const Tensor<double>& got, const Tensor<double>& want) {
+  return got.shape() == want.shape() &&
+         std::memcmp(got.data(), want.data(), sizeof(double) * std::size_t(got.numel())) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("gdn fused rows: q, k, v and dq, dk, dv in fused buffers equal the dense layout") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn fused rows");
+  struct Layout {
+    Case c;
+    index_t pad, shift;  // padding columns per row, elements before the first row
+  };
+  const Layout layouts[] = {
+      {{2, 130, 4, 2, 64, Decay::mixed, Keep::mid, true, true}, 8, 0},    // 16-byte rows
+      {{2, 63, 2, 1, 40, Decay::mixed, Keep::low, true, true}, 16, 0},    // 16-byte rows, D = 40
+      {{2, 65, 6, 2, 37, Decay::weak, Keep::high, true, false}, 3, 0},    // odd D
+      {{1, 70, 4, 2, 64, Decay::strong, Keep::mid, false, true}, 8, 1},   // unaligned base
+      {{1, 33, 2, 1, 128, Decay::weak, Keep::mid, false, false}, 1, 0},   // odd row width
+  };
+  for (const auto& [c, pad, shift] : layouts) {
+    const Inputs in = make_inputs(c, rng);
+    const Results dense = run_device(c, in, true);
+    Tensor<double> dense_state =
+        c.with_initial_state ? clone(in.s0.view()) : Tensor<double>(Shape{c.B, c.Hs, c.D, c.D}, 0.0);
+    const Tensor<double> dense_decode = run_decode(c, in, dense_state);
+
+    const index_t q_cols = c.H * c.D, kv_cols = c.Hs * c.D, ld = q_cols + 2 * kv_cols + pad;
+    const index_t k_col = q_cols, v_col = q_cols + kv_cols;
+    DeviceInputs d(in);
+    FusedRows qkv(c.B, c.T, ld, shift), grads(c.B, c.T, ld, shift);
+    FusedRows d_o(c.B, c.T, q_cols + pad, shift), o(c.B, c.T, q_cols + pad, shift);
+    qkv.upload({{0, &in.q}, {k_col, &in.k}, {v_col, &in.v}}, rng);
+    d_o.upload({{0, &in.d_o}}, rng);
+    const auto q = qkv.block<const bfloat16>(0, c.H, c.D), k = qkv.block<const bfloat16>(k_col, c.Hs, c.D);
+    const auto v = qkv.block<const bfloat16>(v_col, c.Hs, c.D);
+
+    Results got;
+    DeviceTensor<float> final_state(Shape{c.B, c.Hs, c.D, c.D});
+    test::poison(o.buffer), test::poison(final_state);
+    gdn::Forward fwd{q, k, v, d.g.view(), d.beta.view(), o.block<bfloat16>(0, c.H, c.D), optional(d.s0),
+                     final_state.view(), c.scale, eps};
+    PoisonedWorkspace fwd_ws(gdn::workspace_bytes(fwd));
+    gdn::forward(fwd, fwd_ws.data, fwd_ws.bytes, nullptr);
+    cuda::check(cudaDeviceSynchronize(), "gdn forward (fused rows)");
+    got.o = std::move(o.download({{0, c.H, c.D}})[0]);
+    got.final_state = cuda::to_host_double(final_state);
+
+    DeviceTensor<float> dg(in.g.shape()), dbeta(in.beta.shape()), d_initial(Shape{c.B, c.Hs, c.D, c.D});
+    test::poison(grads.buffer), test::poison(dg), test::poison(dbeta), test::poison(d_initial);
+    gdn::Backward bwd{q, k, v, d.g.view(), d.beta.view(), optional(d.s0), d_o.block<const bfloat16>(0, c.H, c.D),
+                      optional(d.d_final), grads.block<bfloat16>(0, c.H, c.D),
+                      grads.block<bfloat16>(k_col, c.Hs, c.D), grads.block<bfloat16>(v_col, c.Hs, c.D), dg.view(),
+                      dbeta.view(), d_initial.view(), c.scale, eps};
+    PoisonedWorkspace bwd_ws(gdn::workspace_bytes(bwd));
+    gdn::backward(bwd, bwd_ws.data, bwd_ws.bytes, nullptr);
+    cuda::check(cudaDeviceSynchronize(), "gdn backward (fused rows)");
+    auto gradients = grads.download({{0, c.H, c.D}, {k_col, c.Hs, c.D}, {v_col, c.Hs, c.D}});
+    got.dq = std::move(gradients[0]), got.dk = std::move(gradients[1]), got.dv = std::move(gradients[2]);
+    got.dg = cuda::to_host_double(dg), got.dbeta = cuda::to_host_double(dbeta);
+    got.d_initial = cuda::to_host_double(d_initial);
+
+    Tensor<double> state0 =
+        c.with_initial_state ? clone(in.s0.view()) : Tensor<double>(Shape{c.B, c.Hs, c.D, c.D}, 0.0);
+    DeviceTensor<float> state = to_device_f32(state0);
+    test::poison(o.buffer);
+    gdn::decode(gdn::Decode{q, k, v, d.g.view(), d.beta.view(), state.view(), o.block<bfloat16>(0, c.H, c.D), c.scale,
+                            eps},
+                nullptr);
+    cuda::check(cudaDeviceSynchronize(), "gdn decode (fused rows)");
+    const Tensor<double> decoded = std::move(o.download({{0, c.H, c.D}})[0]);
+
+    INFO(describe(c), " ld ", ld, " shift ", shift);
+    CHECK(same_bits(got.o, dense.o));
+    CHECK(same_bits(got.final_state, dense.final_state));
+    CHECK(same_bits(got.dq, dense.dq));
+    CHECK(same_bits(got.dk, dense.dk));
+    CHECK(same_bits(got.dv, dense.dv));
+    CHECK(same_bits(got.dg, dense.dg));
+    CHECK(same_bits(got.dbeta, dense.dbeta));
+    CHECK(same_bits(got.d_initial, dense.d_initial));
+    CHECK(same_bits(decoded, dense_decode));
+    CHECK(same_bits(cuda::to_host_double(state), dense_state));
+    MESSAGE(describe(c), " ld ", ld, " shift ", shift, ": fused rows checked against the dense layout");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bad input: every launcher check throws dash::Error before any CUDA call (no device needed).
 
 namespace {
@@ -556,9 +706,29 @@ TEST_CASE("gdn forward refuses bad input without a device") {
     a.q.data = nullptr;
     CHECK(test::contains(forward_error(a), "q: null data"));
   }
-  SUBCASE("strided q") {
+  SUBCASE("q with rows closer than H·D") {
+    a.q.stride = {T * (H * D - 1), H * D - 1, D, 1};
+    CHECK(test::contains(forward_error(a), ": q: strides {"));
+  }
+  SUBCASE("q with batches closer than T rows") {
     a.q.stride[1] *= 2;
-    CHECK(test::contains(forward_error(a), "q: must be contiguous"));
+    CHECK(test::contains(forward_error(a), ": q: strides {"));
+  }
+  SUBCASE("k with heads not D apart") {
+    a.k.stride[2] = 2 * D;
+    CHECK(test::contains(forward_error(a), ": k: strides {"));
+  }
+  SUBCASE("v with elements apart") {
+    a.v.stride[3] = 2;
+    CHECK(test::contains(forward_error(a), ": v: strides {"));
+  }
+  SUBCASE("o with a negative batch stride") {
+    a.o.stride[0] = -T * H * D;
+    CHECK(test::contains(forward_error(a), ": o: strides {"));
+  }
+  SUBCASE("strided g") {
+    a.g.stride[1] *= 2;
+    CHECK(test::contains(forward_error(a), "g: must be contiguous"));
   }
   SUBCASE("initial state of the wrong shape") {
     a.initial_state = device_view<const float>(Shape{B, Hs, D, D + 1});
@@ -632,6 +802,26 @@ TEST_CASE("gdn backward refuses bad input without a device") {
     REQUIRE(bytes < gdn::backward_workspace_bytes(d));
     CHECK(test::contains(backward_error(a, fake_workspace, bytes), "workspace of"));
   }
+  SUBCASE("dq with rows closer than H·D") {
+    a.dq.stride = {T * H * D, H * D - 1, D, 1};
+    CHECK(test::contains(backward_error(a), ": dq: strides {"));
+  }
+  SUBCASE("dk with batches closer than T rows") {
+    a.dk.stride[0] = T * Hs * D - 1;
+    CHECK(test::contains(backward_error(a), ": dk: strides {"));
+  }
+  SUBCASE("dv with heads not D apart") {
+    a.dv.stride[2] = D + 1;
+    CHECK(test::contains(backward_error(a), ": dv: strides {"));
+  }
+  SUBCASE("d_o with elements apart") {
+    a.d_o.stride[3] = 2;
+    CHECK(test::contains(backward_error(a), ": d_o: strides {"));
+  }
+  SUBCASE("strided dbeta") {
+    a.dbeta.stride[0] *= 2;
+    CHECK(test::contains(backward_error(a), "dbeta: must be contiguous"));
+  }
   SUBCASE("bad q as in forward") {
     a.q = device_view<const bfloat16>(Shape{B, T, H, 200});
     CHECK(test::contains(backward_error(a), "head dimension D = 200"));
@@ -657,6 +847,27 @@ TEST_CASE("gdn decode refuses bad input without a device") {
     a.beta = device_view<const float>(Shape{B, T, H});
     CHECK(test::contains(error(), "beta: shape"));
   }
+  SUBCASE("k with rows closer than Hs·D") {
+    a.k.stride[1] = Hs * D - 1;
+    CHECK(test::contains(error(), ": k: strides {"));
+  }
+}
+
+TEST_CASE("gdn launchers accept fused row strides without a device") {
+  // q, k, v in one [B·T, ld] buffer, dq, dk, dv in another: strides {T·ld, ld, D, 1}.
+  const index_t ld = H * D + 2 * Hs * D + 8;
+  const auto fused = [&](index_t col, index_t heads) {
+    return TensorView<bfloat16>(fake_device_pointer<bfloat16>() + col, Shape{B, T, heads, D}, {T * ld, ld, D, 1},
+                                Device::cuda);
+  };
+  gdn::Forward f = good_forward();
+  f.q = fused(0, H), f.k = fused(H * D, Hs), f.v = fused(H * D + Hs * D, Hs);
+  CHECK(gdn::workspace_bytes(f) == gdn::forward_workspace_bytes(gdn::Dims{B, T, H, Hs, D}));
+  gdn::Backward b = good_backward();
+  b.q = f.q, b.k = f.k, b.v = f.v;
+  b.dq = fused(0, H), b.dk = fused(H * D, Hs), b.dv = fused(H * D + Hs * D, Hs);
+  CHECK(gdn::workspace_bytes(b) == gdn::backward_workspace_bytes(gdn::Dims{B, T, H, Hs, D}));
+  CHECK(test::contains(backward_error(b, fake_workspace, 16), "workspace of 16 bytes"));
 }
 
 TEST_CASE("gdn workspace sizes refuse bad dimensions without a device") {

@@ -1,6 +1,7 @@
 // GatedLinear's CUDA kernels against the Eigen reference (dash::eigen::gla, in double on the
 // bf16-rounded inputs), and the identities between the kernels themselves: chunked == recurrent
-// decode, a sequence split with its state carried == the whole, GQA == repeated k/v heads.
+// decode, a sequence split with its state carried == the whole, GQA == repeated k/v heads, q, k,
+// v and dq, dk, dv as rows of fused buffers == dense tensors.
 //
 // Tolerances. o, dq, dk, dv are bf16: relative L2 ≤ test::bf16_tolerance. The fp32 states
 // (final state, initial-state gradient) are sums of tensor-core products whose decay-weighted
@@ -17,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -183,6 +185,15 @@ struct Gradients {
   Tensor<double> dq, dk, dv, dg, ds0;
 };
 
+// Runs the backward with a poisoned workspace of the size it asks for.
+void run_backward(const kernels::BackwardParams& p) {
+  const std::size_t bytes = kernels::backward_workspace_bytes(p);
+  DeviceTensor<float> workspace(Shape{index_t(bytes / sizeof(float) + 1)});
+  test::poison(workspace);
+  kernels::backward(p, workspace.data(), bytes, nullptr);
+  dash::cuda::check(cudaDeviceSynchronize(), "gla backward");
+}
+
 Gradients gpu_backward(const Case& c, bool with_s0, bool with_ds1) {
   DeviceTensor<bfloat16> dq(c.q_shape()), dk(c.kv_shape()), dv(c.kv_shape());
   DeviceTensor<float> dg(c.g.shape()), ds0(c.state_shape());
@@ -193,11 +204,8 @@ Gradients gpu_backward(const Case& c, bool with_s0, bool with_ds1) {
   p.d_final_state = with_ds1 ? c.ds1_d.data() : nullptr;
   p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data(), p.dg = dg.data();
   p.d_initial_state = with_s0 ? ds0.data() : nullptr;
-  const std::size_t bytes = kernels::backward_workspace_bytes(p);
-  DeviceTensor<float> workspace(Shape{index_t(bytes / sizeof(float) + 1)});
-  test::poison(dq), test::poison(dk), test::poison(dv), test::poison(dg), test::poison(ds0), test::poison(workspace);
-  kernels::backward(p, workspace.data(), bytes, nullptr);
-  dash::cuda::check(cudaDeviceSynchronize(), "gla backward");
+  test::poison(dq), test::poison(dk), test::poison(dv), test::poison(dg), test::poison(ds0);
+  run_backward(p);
   Gradients r{dash::cuda::to_host_double(dq), dash::cuda::to_host_double(dk), dash::cuda::to_host_double(dv), dash::cuda::to_host_double(dg),
               {}};
   if (with_s0) r.ds0 = dash::cuda::to_host_double(ds0);
@@ -450,6 +458,106 @@ TEST_CASE("gla GQA equals repeated k/v heads") {
   }
 }
 
+namespace {
+
+// q, k, v (or dq, dk, dv) side by side in the rows of one [B, T, width] bf16 buffer, as one
+// projection writes them: width = (H + 2·Hkv)·D + pad.
+struct Fused {
+  index_t width = 0, k_col = 0, v_col = 0;  // q at column 0
+  Tensor<double> host;
+  DeviceTensor<bfloat16> data;
+
+  Fused(const Case& c, index_t pad)
+      : width((c.L.H + 2 * c.L.Hkv) * c.L.D + pad), k_col(c.L.H * c.L.D), v_col(k_col + c.L.Hkv * c.L.D) {}
+
+  // Element (b, t, column) of a [B, T, heads, D] tensor placed at `col0`.
+  template <class F>
+  void each(const Case& c, index_t col0, index_t heads, F&& f) const {
+    for (index_t b = 0; b < c.L.B; ++b)
+      for (index_t t = 0; t < c.L.T; ++t)
+        for (index_t i = 0; i < heads * c.L.D; ++i) f(b, t, i, (b * c.L.T + t) * width + col0 + i);
+  }
+};
+
+// The inputs of c in one buffer whose pad columns hold NaN, so that reading them would show.
+Fused fused_inputs(const Case& c, index_t pad) {
+  Fused f(c, pad);
+  f.host = Tensor<double>(Shape{c.L.B, c.L.T, f.width}, std::numeric_limits<double>::quiet_NaN());
+  const index_t D = c.L.D;
+  const auto place = [&](const Tensor<double>& x, index_t col0, index_t heads) {
+    f.each(c, col0, heads, [&](index_t b, index_t t, index_t i, index_t at) { f.host.data()[at] = x(b, t, i / D, i % D); });
+  };
+  place(c.q, 0, c.L.H), place(c.k, f.k_col, c.L.Hkv), place(c.v, f.v_col, c.L.Hkv);
+  f.data = dash::cuda::to_device_bf16<double>(f.host.view());
+  return f;
+}
+
+// Whether the [B, T, heads, D] tensor `want` sits bit for bit at col0 of the fused rows `got`.
+bool same_at(const Case& c, const Fused& layout, const Tensor<double>& got, index_t col0, index_t heads,
+             const Tensor<double>& want) {
+  bool same = true;
+  layout.each(c, col0, heads, [&](index_t b, index_t t, index_t i, index_t at) {
+    same = same && got.data()[at] == want(b, t, i / c.L.D, i % c.L.D);
+  });
+  return same;
+}
+
+}  // namespace
+
+TEST_CASE("gla q, k, v and dq, dk, dv as rows of fused buffers equal dense tensors") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gla strides");
+  // pad 8 keeps 16-byte rows (vector loads); pad 3 takes the scalar path.
+  for (const auto& [L, pad] : {std::pair{Layout{2, 130, 6, 2, 64, 16}, 8}, std::pair{Layout{1, 200, 4, 1, 128, 1}, 16},
+                               std::pair{Layout{2, 70, 3, 1, 40, 16}, 8}, std::pair{Layout{1, 9, 2, 2, 8, 1}, 8},
+                               std::pair{Layout{1, 100, 3, 3, 64, 16}, 3}, std::pair{Layout{1, 1000, 2, 2, 64, 16}, 24}}) {
+    describe(L);
+    CAPTURE(pad);
+    const Case c(L, rng);
+    const Fused in = fused_inputs(c, pad);
+    const bfloat16* base = in.data.data();
+
+    const Outputs dense = gpu_forward(c, c.s0_d.data());
+    DeviceTensor<bfloat16> o(c.q_shape());
+    DeviceTensor<float> s1(c.state_shape());
+    test::poison(o), test::poison(s1);
+    kernels::ForwardParams f;
+    c.fill_sizes(f);
+    f.q = base, f.k = base + in.k_col, f.v = base + in.v_col, f.g = c.g_d.data();
+    f.q_stride = f.k_stride = f.v_stride = in.width;
+    f.initial_state = c.s0_d.data(), f.o = o.data(), f.final_state = s1.data();
+    run_forward(f);
+    CHECK(test::relative_l2(dash::cuda::to_host_double(o), dense.o) == 0);
+    CHECK(test::relative_l2(dash::cuda::to_host_double(s1), dense.s1) == 0);
+
+    const Gradients want = gpu_backward(c, true, true);
+    Fused out(c, pad);
+    out.data = DeviceTensor<bfloat16>(Shape{L.B, L.T, out.width});
+    DeviceTensor<float> dg(c.g.shape()), ds0(c.state_shape());
+    test::poison(out.data), test::poison(dg), test::poison(ds0);
+    kernels::BackwardParams b;
+    c.fill_sizes(b);
+    b.q = base, b.k = base + in.k_col, b.v = base + in.v_col, b.g = c.g_d.data(), b.d_o = c.d_o_d.data();
+    b.q_stride = b.k_stride = b.v_stride = in.width;
+    b.initial_state = c.s0_d.data(), b.d_final_state = c.ds1_d.data();
+    b.dq = out.data.data(), b.dk = out.data.data() + out.k_col, b.dv = out.data.data() + out.v_col;
+    b.dq_stride = b.dk_stride = b.dv_stride = out.width;
+    b.dg = dg.data(), b.d_initial_state = ds0.data();
+    run_backward(b);
+    const Tensor<double> grads = dash::cuda::to_host_double(out.data);
+    CHECK(same_at(c, out, grads, 0, L.H, want.dq));
+    CHECK(same_at(c, out, grads, out.k_col, L.Hkv, want.dk));
+    CHECK(same_at(c, out, grads, out.v_col, L.Hkv, want.dv));
+    CHECK(test::relative_l2(dash::cuda::to_host_double(dg), want.dg) == 0);
+    CHECK(test::relative_l2(dash::cuda::to_host_double(ds0), want.ds0) == 0);
+    bool pad_untouched = true;  // still the poison's NaN
+    for (index_t row = 0; row < L.B * L.T; ++row)
+      for (index_t col = out.v_col + L.Hkv * L.D; col < out.width; ++col)
+        pad_untouched = pad_untouched && std::isnan(grads.data()[row * out.width + col]);
+    CHECK(pad_untouched);
+  }
+}
+
 TEST_CASE("gla small shapes: forward, backward, decode (sanitizer subset)") {
   if (!test::gpu_available()) return;
   Rng rng = test::rng_for("gla small");
@@ -544,6 +652,48 @@ TEST_CASE("gla forward refuses bad arguments without a device") {
         "16-byte aligned"));
   p.d_head = 0;
   CHECK(test::contains(test::error_of([&] { (void)kernels::forward_workspace_bytes(p); }), "d_head"));
+}
+
+TEST_CASE("gla forward and backward refuse token strides below a dense row without a device") {
+  // fill_valid: H = 6, Hkv = 2, D = 64, so a dense row is 384 elements of q and 128 of k and v.
+  using P = kernels::BackwardParams;
+  const auto backward_error = [](void (*change)(P&)) {
+    P p;
+    fill_valid(p);
+    p.d_o = fake<const bfloat16>();
+    p.dq = fake<bfloat16>(), p.dk = fake<bfloat16>(), p.dv = fake<bfloat16>(), p.dg = fake<float>();
+    change(p);
+    return test::error_of([&] { kernels::backward(p, fake<void>(), std::size_t(1) << 40, nullptr); });
+  };
+  const auto forward_error = [](void (*change)(P&)) {
+    P inputs;
+    fill_valid(inputs);
+    change(inputs);
+    kernels::ForwardParams p;
+    static_cast<kernels::Inputs&>(p) = inputs;
+    p.o = fake<bfloat16>();
+    return test::error_of([&] { kernels::forward(p, fake<void>(), std::size_t(1) << 40, nullptr); });
+  };
+  const std::pair<void (*)(P&), const char*> inputs[] = {
+      {[](P& p) { p.q_stride = 383; }, "q_stride"},
+      {[](P& p) { p.q_stride = -384; }, "q_stride"},
+      {[](P& p) { p.k_stride = 127; }, "k_stride"},
+      {[](P& p) { p.v_stride = 1; }, "v_stride"},
+  };
+  for (const auto& [change, name] : inputs) {
+    CAPTURE(name);
+    CHECK(test::contains(forward_error(change), name));
+    CHECK(test::contains(backward_error(change), name));
+  }
+  const std::pair<void (*)(P&), const char*> gradients[] = {
+      {[](P& p) { p.dq_stride = 100; }, "dq_stride"},
+      {[](P& p) { p.dk_stride = 64; }, "dk_stride"},
+      {[](P& p) { p.dv_stride = -1; }, "dv_stride"},
+  };
+  for (const auto& [change, name] : gradients) {
+    CAPTURE(name);
+    CHECK(test::contains(backward_error(change), name));
+  }
 }
 
 TEST_CASE("gla backward refuses bad arguments without a device") {

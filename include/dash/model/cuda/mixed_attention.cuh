@@ -7,7 +7,8 @@
 //     [q | k | v] = h·[Wq; Wk; Wv]ᵀ + b,  q, k ← RoPE            one GEMM, one fused buffer
 //     a_i = attention_i(q, k, v)                                  written side by side: [a_1 | a_2 | …]
 //   own family (GatedLinear, GatedDeltaNet: their own projections, one GEMM each)
-//     q, k, v = h·W{q,k,v}ᵀ + b,  z = h·W_gatesᵀ,  gates (gates.cuh),  a_i = mixer_i(q, k, v, gates)
+//     [q | k | v | z] = h·[Wq; Wk; Wv; W_gates]ᵀ + [b; 0]          one fused buffer, row stride
+//     gates (gates.cuh, z + fp32 gate biases),  a_i = mixer_i(q, k, v, gates)   (strided operands)
 //   y += Σ_i π_i·a_i·Wo_iᵀ                                       Wo_i: the teacher's Wo or the op's own
 // The weighted sum is the accumulating GEMMs' own product: the shared outputs side by side
 // against [π_1·Wo | π_2·Wo | …] (one GEMM for each contiguous run of running shared operators),
@@ -21,7 +22,8 @@
 //   shared: attention backward of each, accumulated into one fused dq | dk | dv; inverse RoPE;
 //           dh = dqkv·[Wq; Wk; Wv]                  one GEMM
 //   own:    the mixer's backward to dq, dk, dv and the gates; inverse RoPE (GatedLinear with
-//           rope); dz through the gates; dh += dq·Wq + dk·Wk + dv·Wv + dz·W_gates
+//           rope); dz through the gates, all into one fused [dq | dk | dv | dz];
+//           dh += [dq | dk | dv | dz]·[Wq; Wk; Wv; W_gates]      one GEMM
 // dh is fp32. Weights are frozen: no weight gradients. With a StepTimer in the context every
 // GEMM and every kernel group is enqueued between CUDA events (the benchmark's profile).
 //
@@ -134,7 +136,8 @@ void timed(StepTimer* timer, const char* label, cudaStream_t stream, F&& f) {
 
 // Enqueues c (+)= a·op(w) through `gemm`: a [m, k] with row stride lda; w stored [n, k]
 // (transpose_w, a checkpoint's [out, in]) or [k, n], row stride ldw; c [m, n], row stride ldc.
-struct Linear {
+class Linear {
+ public:
   Gemm* gemm = nullptr;
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
@@ -154,6 +157,27 @@ struct Linear {
     s.accumulate = accumulate;
     GemmOperands o;
     o.a = a, o.b = w, o.c = c, o.bias = bias;
+    run(s, o, stream);
+  }
+
+  // c (+)= aᵀ·b for a [k, m] and b [k, n] with row strides lda and ldb, c fp32 [m, n]: the
+  // weight gradients of candidate preparation (k = rows of activations).
+  void transposed_a(index_t m, index_t n, index_t k, const bfloat16* a, index_t lda, const bfloat16* b, index_t ldb,
+                    float* c, bool accumulate, cudaStream_t stream) const {
+    GemmShape s;
+    s.m = m, s.n = n, s.k = k;
+    s.transpose_a = true;
+    s.lda = lda == m ? 0 : lda;
+    s.ldb = ldb == n ? 0 : ldb;
+    s.c_type = DType::f32;
+    s.accumulate = accumulate;
+    GemmOperands o;
+    o.a = a, o.b = b, o.c = c;
+    run(s, o, stream);
+  }
+
+ private:
+  void run(const GemmShape& s, GemmOperands& o, cudaStream_t stream) const {
     o.workspace = workspace, o.workspace_bytes = workspace_bytes;
     if (!timer) return (*gemm)(s, o, stream);
     const GemmPlan& plan = gemm->plan(s, o);
@@ -166,15 +190,15 @@ struct MixerWidths {
   static constexpr int max_own = max_mixture_terms;
   int n_ops = 0, n_shared = 0, n_own = 0;
   index_t d_model = 0, q_dim = 0, qkv_width = 0, n_heads = 0;
-  std::array<index_t, max_own> own_q{}, own_kv{}, own_gates{}, own_gate_stride{};
+  std::array<index_t, max_own> own_q{}, own_gates{}, own_in{};  // own_in: fused row width
 
   void widen(const MixerWidths& o) {
     n_ops = o.n_ops, n_shared = o.n_shared, n_own = o.n_own;
     d_model = o.d_model, q_dim = o.q_dim, qkv_width = o.qkv_width, n_heads = o.n_heads;
     for (int j = 0; j < max_own; ++j) {
-      own_q[j] = std::max(own_q[j], o.own_q[j]), own_kv[j] = std::max(own_kv[j], o.own_kv[j]);
+      own_q[j] = std::max(own_q[j], o.own_q[j]);
       own_gates[j] = std::max(own_gates[j], o.own_gates[j]);
-      own_gate_stride[j] = std::max(own_gate_stride[j], o.own_gate_stride[j]);
+      own_in[j] = std::max(own_in[j], o.own_in[j]);
     }
   }
 };
@@ -185,14 +209,14 @@ struct MixerBuffers {
   bfloat16* qkv = nullptr;         // [rows, q_dim + 2·kv_dim], q and k after RoPE
   bfloat16* shared_out = nullptr;  // [rows, n_shared·q_dim]: a_i side by side
   float* lse = nullptr;            // [n_shared, B, H, T]
-  std::array<bfloat16*, max_own> own_q{}, own_k{}, own_v{}, own_out{};
-  std::array<float*, max_own> own_z{}, own_g{}, own_beta{};
+  std::array<bfloat16*, max_own> own_in{};   // [rows, own_in]: q | k | v | z of own operator j
+  std::array<bfloat16*, max_own> own_out{};  // [rows, q_dim]
+  std::array<float*, max_own> own_g{}, own_beta{};
   bfloat16* d_cat = nullptr;       // [rows, (1 + n_own)·q_dim]
   bfloat16* d_out = nullptr;       // [n_ops, rows, q_dim]: π_i·d_i
   bfloat16* dqkv = nullptr;        // [rows, q_dim + 2·kv_dim]
-  bfloat16 *own_dq = nullptr, *own_dk = nullptr, *own_dv = nullptr;  // widest own op's
+  bfloat16* own_d_in = nullptr;    // [rows, widest own_in]: dq | dk | dv | dz
   float *own_dg = nullptr, *own_dbeta = nullptr;
-  bfloat16* own_dz = nullptr;
   double* partials = nullptr;      // mixture_partials_count()
 
   // Calls carve(pointer, count, name) for every buffer, for `rows` tokens.
@@ -203,24 +227,19 @@ struct MixerBuffers {
     carve(qkv, r * kv_width, "qkv");
     carve(shared_out, r * q * std::size_t(w.n_shared), "shared outputs");
     carve(lse, r * std::size_t(w.n_heads) * std::size_t(w.n_shared), "lse");
-    std::size_t widest_q = 0, widest_kv = 0, widest_gates = 0, widest_stride = 0;
+    std::size_t widest_in = 0, widest_gates = 0;
     for (int j = 0; j < w.n_own; ++j) {
-      const auto oq = std::size_t(w.own_q[j]), okv = std::size_t(w.own_kv[j]);
-      const auto gates = std::size_t(w.own_gates[j]), stride = std::size_t(w.own_gate_stride[j]);
-      carve(own_q[j], r * oq, "own q"), carve(own_k[j], r * okv, "own k"), carve(own_v[j], r * okv, "own v");
-      carve(own_out[j], r * oq, "own output");
-      carve(own_z[j], r * stride, "own gate pre-activations");
+      const auto in = std::size_t(w.own_in[j]), gates = std::size_t(w.own_gates[j]);
+      carve(own_in[j], r * in, "own q|k|v|z");
+      carve(own_out[j], r * std::size_t(w.own_q[j]), "own output");
       carve(own_g[j], r * gates, "own log decays"), carve(own_beta[j], r * gates, "own beta");
-      widest_q = std::max(widest_q, oq), widest_kv = std::max(widest_kv, okv);
-      widest_gates = std::max(widest_gates, gates), widest_stride = std::max(widest_stride, stride);
+      widest_in = std::max(widest_in, in), widest_gates = std::max(widest_gates, gates);
     }
     carve(d_cat, r * q * std::size_t(1 + w.n_own), "d_cat");
     carve(d_out, r * q * std::size_t(w.n_ops), "d_out");
     carve(dqkv, r * kv_width, "dqkv");
-    carve(own_dq, r * widest_q, "own dq"), carve(own_dk, r * widest_kv, "own dk");
-    carve(own_dv, r * widest_kv, "own dv");
+    carve(own_d_in, r * widest_in, "own dq|dk|dv|dz");
     carve(own_dg, r * widest_gates, "own dg"), carve(own_dbeta, r * widest_gates, "own dbeta");
-    carve(own_dz, r * widest_stride, "own dz");
     carve(partials, mixture_partials_count(), "mixture partials");
   }
 };
@@ -343,8 +362,8 @@ class DeviceMixedAttention {
     w.d_model = shape_.d_model, w.q_dim = q_dim_, w.qkv_width = qkv_width_, w.n_heads = shape_.n_heads;
     for (int j = 0; j < n_own; ++j) {
       const OwnOp& o = own_[std::size_t(j)];
-      w.own_q[j] = q_dim_, w.own_kv[j] = index_t(o.kv_heads) * shape_.d_head;
-      w.own_gates[j] = o.gates, w.own_gate_stride[j] = o.gate_stride;
+      w.own_q[j] = q_dim_;
+      w.own_gates[j] = o.gates, w.own_in[j] = o.in_width;
     }
     return w;
   }
@@ -492,6 +511,58 @@ class DeviceMixedAttention {
     return true;
   }
 
+  // Candidate preparation (prepare.cuh) trains the own operators' weights in place: their
+  // device copies, operator i's output alone and its weight gradients.
+  struct OwnWeights {
+    bfloat16* w_in = nullptr;  // [in_width, d_model]: Wq; Wk; Wv; W_gate (; W_β); zero rows
+    bfloat16* b_in = nullptr;  // [in_width]: bq; bk; bv; zeros, or null without qkv_bias
+    float* b_gates = nullptr;  // [gate_biases]: the decay's, then β's
+    bfloat16* wo = nullptr;    // [d_model, q_dim], rows wo_stride apart (a block of [Wo | Wo_own…])
+    index_t in_width = 0, d_model = 0, q_dim = 0, kv_width = 0, gates = 0, gate_biases = 0, wo_stride = 0;
+  };
+
+  static constexpr bool has_own_weights(int i) { return !is_shared(i); }
+
+  OwnWeights own_weights(int i) {
+    require(i >= 0 && i < n_ops && !is_shared(i), "DeviceMixedAttention::own_weights: operator ", i,
+            " has no weights of its own");
+    const int j = info_[std::size_t(i)].slot;
+    OwnOp& o = own_[std::size_t(j)];
+    OwnWeights w;
+    w.w_in = o.w_in.data(), w.b_in = o.b_in.data(), w.b_gates = o.b_gates.data();
+    w.wo = w_cat_.data() + distinct_block(i) * q_dim_;
+    w.in_width = o.in_width, w.d_model = shape_.d_model, w.q_dim = q_dim_, w.kv_width = o.kv_width;
+    w.gates = o.gates, w.gate_biases = o.b_gates.numel(), w.wo_stride = index_t(1 + n_own) * q_dim_;
+    return w;
+  }
+
+  // y = o_i(h) (fp32 [rows, d], written), own operator i alone through its unscaled Wo.
+  void own_output(const MixerContext& c, int i, const bfloat16* h, float* y) const {
+    const int j = info_[std::size_t(i)].slot;
+    own_forward(c, j, h);
+    c.linear(c.batch * c.length, shape_.d_model, q_dim_, c.buffers.own_out[std::size_t(j)], q_dim_,
+             w_cat_.data() + distinct_block(i) * q_dim_, index_t(1 + n_own) * q_dim_, true, nullptr, y,
+             shape_.d_model, DType::f32, false, c.stream);
+  }
+
+  // After own_output(c, i, h, ·) on the same buffers, for dy = ∂loss/∂y (bf16 [rows, d]): the
+  // weight gradients, fp32, written: d_w_in [in_width, d] = [dq | dk | dv | dz]ᵀ·h and
+  // d_wo [d, q_dim] = dyᵀ·o. The fused [dq | dk | dv | dz] stays in buffers.own_d_in (its column
+  // sums are the bias gradients).
+  void own_weight_gradients(const MixerContext& c, int i, const bfloat16* h, const bfloat16* dy, float* d_w_in,
+                            float* d_wo) const {
+    const int j = info_[std::size_t(i)].slot;
+    const OwnOp& o = own_[std::size_t(j)];
+    const MixerBuffers& b = c.buffers;
+    const index_t rows = c.batch * c.length, d = shape_.d_model;
+    bfloat16* const d_o = d_out(b, 0, rows);
+    c.linear(rows, q_dim_, d, dy, d, w_cat_.data() + distinct_block(i) * q_dim_, index_t(1 + n_own) * q_dim_, false,
+             nullptr, d_o, q_dim_, DType::bf16, false, c.stream);
+    c.linear.transposed_a(d, q_dim_, rows, dy, d, b.own_out[std::size_t(j)], q_dim_, d_wo, false, c.stream);
+    own_backward_to_projection(c, j, d_o);
+    c.linear.transposed_a(o.in_width, d, rows, b.own_d_in, o.in_width, h, d, d_w_in, false, c.stream);
+  }
+
  private:
   enum class OwnKind { gated_linear, gated_delta_net };
 
@@ -501,14 +572,19 @@ class DeviceMixedAttention {
   };
 
   // An own-projection operator's weights and options.
+  // Rows of the fused projection: [Wq; Wk; Wv; W_gates; zero rows up to a multiple of 8] so
+  // that every row of the fused activations starts 16-byte aligned.
   struct OwnOp {
     OwnKind kind = OwnKind::gated_linear;
     int kv_heads = 0, gates = 0;
-    index_t gate_stride = 0;  // rows of w_gates: the gate count padded to a multiple of 8
+    index_t kv_width = 0;      // kv_heads·d_head
+    index_t gate_columns = 0;  // the gate block: gates (twice with β) and the zero padding
+    index_t in_width = 0;      // q_dim + 2·kv_width + gate_columns
     bool with_beta = false, rope = false;
     float normaliser = 16, scale = 1, eps = 1e-6f;
-    DeviceTensor<bfloat16> wq, wk, wv, bq, bk, bv, w_gates;
-    DeviceTensor<float> b_gates;
+    DeviceTensor<bfloat16> w_in;  // [in_width, d]
+    DeviceTensor<bfloat16> b_in;  // [in_width]: bq; bk; bv; zeros (empty without qkv_bias)
+    DeviceTensor<float> b_gates;  // [gates] of the decay, then [gates] of β: added in fp32
   };
 
   template <class F>
@@ -554,13 +630,14 @@ class DeviceMixedAttention {
     }
   }
 
+  // The parts one after the other along their first dimension, then zero rows up to `rows` in all.
   template <class T>
-  static DeviceTensor<bfloat16> stacked(std::initializer_list<std::reference_wrapper<const Tensor<T>>> parts,
-                                        index_t pad_rows_to = 1) {
+  static DeviceTensor<bfloat16> stacked(const std::vector<std::reference_wrapper<const Tensor<T>>>& parts,
+                                        index_t rows = 0) {
     const Tensor<T>& first = parts.begin()->get();
-    index_t rows = 0;
-    for (const Tensor<T>& p : parts) rows += p.dim(0);
-    rows = (rows + pad_rows_to - 1) / pad_rows_to * pad_rows_to;
+    index_t filled = 0;
+    for (const Tensor<T>& p : parts) filled += p.dim(0);
+    rows = std::max(rows, filled);
     Tensor<T> out(first.rank() == 1 ? Shape{rows} : Shape{rows, first.dim(1)}, T(0));
     T* at = out.data();
     for (const Tensor<T>& p : parts) at = std::copy(p.data(), p.data() + p.numel(), at);
@@ -571,16 +648,15 @@ class DeviceMixedAttention {
   void upload_own(OwnOp& o, const AttentionWeights<T>& proj,
                   std::initializer_list<std::reference_wrapper<const Tensor<T>>> gate_weights,
                   std::initializer_list<std::reference_wrapper<const Tensor<T>>> gate_biases) {
-    o.wq = to_device_bf16<T>(proj.wq.view());
-    o.wk = to_device_bf16<T>(proj.wk.view());
-    o.wv = to_device_bf16<T>(proj.wv.view());
-    if (shape_.qkv_bias) {
-      o.bq = to_device_bf16<T>(proj.bq.view());
-      o.bk = to_device_bf16<T>(proj.bk.view());
-      o.bv = to_device_bf16<T>(proj.bv.view());
-    }
-    o.w_gates = stacked<T>(gate_weights, 8);
-    o.gate_stride = o.w_gates.shape()[0];
+    o.kv_width = index_t(o.kv_heads) * shape_.d_head;
+    const index_t gate_rows = index_t(gate_weights.size()) * o.gates, unpadded = q_dim_ + 2 * o.kv_width + gate_rows;
+    o.in_width = (unpadded + 7) / 8 * 8;
+    o.gate_columns = o.in_width - q_dim_ - 2 * o.kv_width;
+    std::vector<std::reference_wrapper<const Tensor<T>>> rows{std::cref(proj.wq), std::cref(proj.wk),
+                                                              std::cref(proj.wv)};
+    rows.insert(rows.end(), gate_weights.begin(), gate_weights.end());
+    o.w_in = stacked<T>(rows, o.in_width);
+    if (shape_.qkv_bias) o.b_in = stacked<T>({std::cref(proj.bq), std::cref(proj.bk), std::cref(proj.bv)}, o.in_width);
     // The biases as the device's bf16 weights would hold them, kept in fp32 for the gate kernel.
     Tensor<float> bias(Shape{index_t(gate_biases.size()) * o.gates});
     float* at = bias.data();
@@ -623,21 +699,23 @@ class DeviceMixedAttention {
   static TensorView<E> device_view(E* data, Shape s) {
     return TensorView<E>(data, s, Device::cuda);
   }
+  // [B, T, heads, D] heads inside rows of `row_width` elements (a fused buffer).
+  template <class E>
+  static TensorView<E> rows_view(E* data, index_t B, index_t T, index_t heads, index_t D, index_t row_width) {
+    return TensorView<E>(data, Shape{B, T, heads, D}, {T * row_width, row_width, D, 1}, Device::cuda);
+  }
 
-  // Own operator j: projections, gates and mixer into its buffers.
+  // Own operator j: the fused projection, gates and mixer into its buffers.
   void own_forward(const MixerContext& c, int j, const bfloat16* h) const {
     const OwnOp& o = own_[std::size_t(j)];
     const MixerBuffers& b = c.buffers;
-    const index_t rows = c.batch * c.length, d = shape_.d_model, D = shape_.d_head, kv = index_t(o.kv_heads) * D;
-    bfloat16 *q = b.own_q[std::size_t(j)], *k = b.own_k[std::size_t(j)], *v = b.own_v[std::size_t(j)];
-    float *z = b.own_z[std::size_t(j)], *g = b.own_g[std::size_t(j)], *beta = b.own_beta[std::size_t(j)];
-    c.linear(rows, q_dim_, d, h, d, o.wq.data(), d, true, o.bq.data(), q, q_dim_, DType::bf16, false, c.stream);
-    c.linear(rows, kv, d, h, d, o.wk.data(), d, true, o.bk.data(), k, kv, DType::bf16, false, c.stream);
-    c.linear(rows, kv, d, h, d, o.wv.data(), d, true, o.bv.data(), v, kv, DType::bf16, false, c.stream);
-    c.linear(rows, o.gate_stride, d, h, d, o.w_gates.data(), d, true, nullptr, z, o.gate_stride, DType::f32, false,
-             c.stream);
-    const GateForwardParams gates{.z = z,
-                                  .z_stride = o.gate_stride,
+    const index_t rows = c.batch * c.length, d = shape_.d_model, D = shape_.d_head, ld = o.in_width;
+    bfloat16* const in = b.own_in[std::size_t(j)];
+    bfloat16 *q = in, *k = in + q_dim_, *v = in + q_dim_ + o.kv_width;
+    float *g = b.own_g[std::size_t(j)], *beta = b.own_beta[std::size_t(j)];
+    c.linear(rows, ld, d, h, d, o.w_in.data(), d, true, o.b_in.data(), in, ld, DType::bf16, false, c.stream);
+    const GateForwardParams gates{.z = in + q_dim_ + 2 * o.kv_width,
+                                  .z_stride = ld,
                                   .bias = o.b_gates.data(),
                                   .g = g,
                                   .beta = o.with_beta ? beta : nullptr,
@@ -648,20 +726,17 @@ class DeviceMixedAttention {
     timed(c.linear.timer, "gates", c.stream, [&] { gate_forward(gates, c.stream); });
     bfloat16* out = b.own_out[std::size_t(j)];
     if (o.kind == OwnKind::gated_linear) {
-      if (o.rope) {
-        rotate(c, q, nullptr, shape_.n_heads, 0, q_dim_, false);
-        rotate(c, nullptr, k, 0, o.kv_heads, kv, false);
-      }
+      if (o.rope) rotate(c, q, k, shape_.n_heads, o.kv_heads, ld, false);
       gla::ForwardParams f;
-      fill_gla_inputs(f, c, o, q, k, v, g);
+      fill_gla_inputs(f, c, o, in, g);
       f.o = out;
       timed(c.linear.timer, "gla forward", c.stream, [&] { gla::forward(f, c.scratch, c.scratch_bytes, c.stream); });
     } else {
       const index_t B = c.batch, T = c.length, H = shape_.n_heads, Hs = o.kv_heads;
       gdn::Forward f;
-      f.q = device_view<const bfloat16>(q, Shape{B, T, H, D});
-      f.k = device_view<const bfloat16>(k, Shape{B, T, Hs, D});
-      f.v = device_view<const bfloat16>(v, Shape{B, T, Hs, D});
+      f.q = rows_view<const bfloat16>(q, B, T, H, D, ld);
+      f.k = rows_view<const bfloat16>(k, B, T, Hs, D, ld);
+      f.v = rows_view<const bfloat16>(v, B, T, Hs, D, ld);
       f.g = device_view<const float>(g, Shape{B, T, Hs});
       f.beta = device_view<const float>(beta, Shape{B, T, Hs});
       f.o = device_view<bfloat16>(out, Shape{B, T, H, D});
@@ -670,42 +745,42 @@ class DeviceMixedAttention {
     }
   }
 
-  void fill_gla_inputs(gla::Inputs& f, const MixerContext& c, const OwnOp& o, const bfloat16* q, const bfloat16* k,
-                       const bfloat16* v, const float* g) const {
-    f.q = q, f.k = k, f.v = v, f.g = g;
+  void fill_gla_inputs(gla::Inputs& f, const MixerContext& c, const OwnOp& o, const bfloat16* in,
+                       const float* g) const {
+    f.q = in, f.k = in + q_dim_, f.v = in + q_dim_ + o.kv_width, f.g = g;
+    f.q_stride = f.k_stride = f.v_stride = o.in_width;
     f.batch = int(c.batch), f.length = int(c.length);
     f.n_heads = shape_.n_heads, f.n_kv_heads = o.kv_heads, f.d_head = shape_.d_head;
     f.scale = o.scale;
   }
 
-  // Own operator j's backward from d_o (= π·dL/da): dh (+)= through its projections and gates.
-  void own_backward(const MixerContext& c, int j, const bfloat16* d_o, float* dh, bool accumulate) const {
+  // Own operator j's backward from d_o (= π·dL/da) to the fused [dq | dk | dv | dz] in own_d_in.
+  void own_backward_to_projection(const MixerContext& c, int j, const bfloat16* d_o) const {
     const OwnOp& o = own_[std::size_t(j)];
     const MixerBuffers& b = c.buffers;
-    const index_t rows = c.batch * c.length, d = shape_.d_model, D = shape_.d_head, kv = index_t(o.kv_heads) * D;
-    const bfloat16 *q = b.own_q[std::size_t(j)], *k = b.own_k[std::size_t(j)], *v = b.own_v[std::size_t(j)];
+    const index_t rows = c.batch * c.length, D = shape_.d_head, ld = o.in_width;
+    const bfloat16* const in = b.own_in[std::size_t(j)];
+    bfloat16* const d_in = b.own_d_in;
     const float *g = b.own_g[std::size_t(j)], *beta = b.own_beta[std::size_t(j)];
     if (o.kind == OwnKind::gated_linear) {
       gla::BackwardParams p;
-      fill_gla_inputs(p, c, o, q, k, v, g);
-      p.d_o = d_o, p.dq = b.own_dq, p.dk = b.own_dk, p.dv = b.own_dv, p.dg = b.own_dg;
+      fill_gla_inputs(p, c, o, in, g);
+      p.d_o = d_o, p.dq = d_in, p.dk = d_in + q_dim_, p.dv = d_in + q_dim_ + o.kv_width, p.dg = b.own_dg;
+      p.dq_stride = p.dk_stride = p.dv_stride = ld;
       timed(c.linear.timer, "gla backward", c.stream, [&] { gla::backward(p, c.scratch, c.scratch_bytes, c.stream); });
-      if (o.rope) {
-        rotate(c, b.own_dq, nullptr, shape_.n_heads, 0, q_dim_, true);
-        rotate(c, nullptr, b.own_dk, 0, o.kv_heads, kv, true);
-      }
+      if (o.rope) rotate(c, d_in, d_in + q_dim_, shape_.n_heads, o.kv_heads, ld, true);
     } else {
       const index_t B = c.batch, T = c.length, H = shape_.n_heads, Hs = o.kv_heads;
       gdn::Backward p;
-      p.q = device_view<const bfloat16>(q, Shape{B, T, H, D});
-      p.k = device_view<const bfloat16>(k, Shape{B, T, Hs, D});
-      p.v = device_view<const bfloat16>(v, Shape{B, T, Hs, D});
+      p.q = rows_view<const bfloat16>(in, B, T, H, D, ld);
+      p.k = rows_view<const bfloat16>(in + q_dim_, B, T, Hs, D, ld);
+      p.v = rows_view<const bfloat16>(in + q_dim_ + o.kv_width, B, T, Hs, D, ld);
       p.g = device_view<const float>(g, Shape{B, T, Hs});
       p.beta = device_view<const float>(beta, Shape{B, T, Hs});
       p.d_o = device_view<const bfloat16>(d_o, Shape{B, T, H, D});
-      p.dq = device_view<bfloat16>(b.own_dq, Shape{B, T, H, D});
-      p.dk = device_view<bfloat16>(b.own_dk, Shape{B, T, Hs, D});
-      p.dv = device_view<bfloat16>(b.own_dv, Shape{B, T, Hs, D});
+      p.dq = rows_view<bfloat16>(d_in, B, T, H, D, ld);
+      p.dk = rows_view<bfloat16>(d_in + q_dim_, B, T, Hs, D, ld);
+      p.dv = rows_view<bfloat16>(d_in + q_dim_ + o.kv_width, B, T, Hs, D, ld);
       p.dg = device_view<float>(b.own_dg, Shape{B, T, Hs});
       p.dbeta = device_view<float>(b.own_dbeta, Shape{B, T, Hs});
       p.scale = o.scale, p.eps = o.eps;
@@ -715,19 +790,23 @@ class DeviceMixedAttention {
                                    .beta = o.with_beta ? beta : nullptr,
                                    .dg = b.own_dg,
                                    .dbeta = o.with_beta ? b.own_dbeta : nullptr,
-                                   .dz = b.own_dz,
-                                   .dz_stride = o.gate_stride,
+                                   .dz = d_in + q_dim_ + 2 * o.kv_width,
+                                   .dz_stride = ld,
+                                   .columns = o.gate_columns,
                                    .rows = rows,
                                    .n = o.gates,
                                    .with_beta = o.with_beta,
                                    .normaliser = o.normaliser};
     timed(c.linear.timer, "gates", c.stream, [&] { gate_backward(gates, c.stream); });
-    c.linear(rows, d, q_dim_, b.own_dq, q_dim_, o.wq.data(), d, false, nullptr, dh, d, DType::f32, accumulate,
-             c.stream);
-    c.linear(rows, d, kv, b.own_dk, kv, o.wk.data(), d, false, nullptr, dh, d, DType::f32, true, c.stream);
-    c.linear(rows, d, kv, b.own_dv, kv, o.wv.data(), d, false, nullptr, dh, d, DType::f32, true, c.stream);
-    c.linear(rows, d, o.gate_stride, b.own_dz, o.gate_stride, o.w_gates.data(), d, false, nullptr, dh, d, DType::f32,
-             true, c.stream);
+  }
+
+  // Own operator j's backward from d_o: dh (+)= [dq | dk | dv | dz]·[Wq; Wk; Wv; W_gates].
+  void own_backward(const MixerContext& c, int j, const bfloat16* d_o, float* dh, bool accumulate) const {
+    const OwnOp& o = own_[std::size_t(j)];
+    const index_t rows = c.batch * c.length, d = shape_.d_model;
+    own_backward_to_projection(c, j, d_o);
+    c.linear(rows, d, o.in_width, c.buffers.own_d_in, o.in_width, o.w_in.data(), d, false, nullptr, dh, d,
+             DType::f32, accumulate, c.stream);
   }
 
   AttentionShape shape_;

@@ -52,6 +52,7 @@
 #include "dash/core/error.hpp"
 #include "dash/mixed_attention.hpp"
 #include "dash/model/config.hpp"
+#include "dash/model/cuda/alignment.cuh"
 #include "dash/model/cuda/argmax.cuh"
 #include "dash/model/cuda/embedding.cuh"
 #include "dash/model/cuda/gemm.cuh"
@@ -305,6 +306,33 @@ class DeviceSearchModel {
       });
     }
   }
+
+  // Candidate preparation (prepare.cuh): the teacher's forward of `batch` sequences of `length`
+  // device ids, layer by layer, calling f(l, context, h, a) after layer l's attention with
+  // h = RMSNorm(x_l) (bf16 [rows, d]) and a = A_l(h) (fp32 [rows, d]), the teacher's attention
+  // output; f may use the layer's mixer buffers, and must leave h and a as they are. Then
+  // x_{l+1} = x_l + a + MLP(RMSNorm(x_l + a)). Enqueued on `stream`; no synchronisation.
+  template <class F>
+  void teacher_layers(const int* ids, index_t batch, index_t length, cudaStream_t stream, F&& f) {
+    validate_batch("teacher_layers", batch, length);
+    require(ids != nullptr, "DeviceSearchModel::teacher_layers: ids is null");
+    const MixerContext c = context(batch, length, stream);
+    const index_t rows = batch * length;
+    float *const x = buffers_.residual, *const a = buffers_.d_mixer;
+    embed(ids, x, rows, stream);
+    for (int l = 0; l < n_layers(); ++l) {
+      const Layer& layer = layers_[std::size_t(l)];
+      norm(layer.attn_norm.data(), x, buffers_.normed, rows, stream);
+      check(cudaMemsetAsync(a, 0, std::size_t(rows) * std::size_t(config_.d_model) * sizeof(float), stream),
+            "DeviceSearchModel: clear the attention output");
+      layer.mixer.forward(c, buffers_.normed, a, OpMask{}, /*teacher=*/true);
+      f(l, c, static_cast<const bfloat16*>(buffers_.normed), static_cast<const float*>(a));
+      add_into(x, a, rows * config_.d_model, stream);
+      mlp_block(c, l, x, /*down=*/true);
+    }
+  }
+
+  Mixer& mixer(int l) { return layers_[std::size_t(l)].mixer; }
 
   // Device results of the last score(): [Σ_t KL_t, Σ_t NLL_t] and the targets counted.
   const float* scores() const { return scores_.data(); }

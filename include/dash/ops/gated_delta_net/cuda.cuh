@@ -16,6 +16,13 @@
 // Any D in 1…128 (padded to 32, 64 or 128 inside with zeros). Launchers check every argument
 // before any CUDA call and throw dash::Error; forward and backward take a workspace of at least
 // workspace_bytes(...) bytes (16-byte aligned), never allocate, never synchronise.
+//
+// Layouts: the bf16 tensors [B, T, heads, D] (q, k, v, o, d_o, dq, dk, dv) may have rows apart:
+// strides {batch, token, D, 1} with token ≥ heads·D and batch ≥ T·token, so that q, k and v can
+// be column blocks of one fused projection output [B·T, ld] (strides {T·ld, ld, D, 1}) and dq,
+// dk, dv of one fused gradient buffer. Rows move 16 bytes at a time when D and every such stride
+// are multiples of 8 and every such pointer is 16-byte aligned, one element at a time otherwise.
+// g, β, dg, dβ and the states are contiguous.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -39,10 +46,10 @@ inline constexpr int chunk = detail::chunk;
 inline constexpr int max_head_dim = 128;
 
 struct Forward {
-  TensorView<const bfloat16> q;           // [B, T, H, D]
-  TensorView<const bfloat16> k, v;        // [B, T, Hs, D]
+  TensorView<const bfloat16> q;           // [B, T, H, D]   (rows may be apart, see above)
+  TensorView<const bfloat16> k, v;        // [B, T, Hs, D]  (rows may be apart)
   TensorView<const float> g, beta;        // [B, T, Hs]
-  TensorView<bfloat16> o;                 // [B, T, H, D]
+  TensorView<bfloat16> o;                 // [B, T, H, D]   (rows may be apart)
   TensorView<const float> initial_state;  // [B, Hs, D, D] or empty (zero)
   TensorView<float> final_state;          // [B, Hs, D, D] or empty
   float scale = 1.f, eps = 1e-6f;
@@ -52,21 +59,21 @@ struct Backward {
   TensorView<const bfloat16> q, k, v;     // as Forward
   TensorView<const float> g, beta;
   TensorView<const float> initial_state;  // or empty
-  TensorView<const bfloat16> d_o;         // [B, T, H, D]
+  TensorView<const bfloat16> d_o;         // [B, T, H, D]   (rows may be apart)
   TensorView<const float> d_final_state;  // [B, Hs, D, D] or empty (zero)
-  TensorView<bfloat16> dq;                // [B, T, H, D]  (w.r.t. raw q)
-  TensorView<bfloat16> dk, dv;            // [B, T, Hs, D] (w.r.t. raw k)
+  TensorView<bfloat16> dq;                // [B, T, H, D]   (w.r.t. raw q; rows may be apart)
+  TensorView<bfloat16> dk, dv;            // [B, T, Hs, D]  (w.r.t. raw k; rows may be apart)
   TensorView<float> dg, dbeta;            // [B, T, Hs]
   TensorView<float> d_initial_state;      // [B, Hs, D, D] or empty
   float scale = 1.f, eps = 1e-6f;
 };
 
 struct Decode {
-  TensorView<const bfloat16> q;     // [B, T, H, D]
-  TensorView<const bfloat16> k, v;  // [B, T, Hs, D]
+  TensorView<const bfloat16> q;     // [B, T, H, D]   (rows may be apart)
+  TensorView<const bfloat16> k, v;  // [B, T, Hs, D]  (rows may be apart)
   TensorView<const float> g, beta;  // [B, T, Hs]
   TensorView<float> state;          // [B, Hs, D, D], advanced in place
-  TensorView<bfloat16> o;           // [B, T, H, D]
+  TensorView<bfloat16> o;           // [B, T, H, D]   (rows may be apart)
   float scale = 1.f, eps = 1e-6f;
 };
 
@@ -119,11 +126,35 @@ struct WorkspaceLayout {
 };
 
 template <class T>
-void check_device_tensor(TensorView<T> x, const Shape& expected, const std::string& what) {
+void check_device_data(TensorView<T> x, const Shape& expected, const std::string& what) {
   require(x.device == Device::cuda, what, ": on ", name_of(x.device), ", expected cuda");
   require(x.data != nullptr, what, ": null data");
   require_shape(x, expected, what);
+}
+template <class T>
+void check_device_tensor(TensorView<T> x, const Shape& expected, const std::string& what) {
+  check_device_data(x, expected, what);
   require(x.contiguous(), what, ": must be contiguous");
+}
+// A raw [B, T, heads, D] tensor: strides {batch, token, D, 1}, token >= heads·D, batch >= T·token
+// (compared as batch / T >= token, which cannot overflow).
+template <class T>
+void check_raw_tensor(TensorView<T> x, const Dims& d, index_t heads, const std::string& what) {
+  check_device_data(x, Shape{d.B, d.T, heads, d.D}, what);
+  const auto& st = x.stride;
+  require(st[3] == 1 && st[2] == d.D && st[1] >= heads * d.D && st[0] / d.T >= st[1], what, ": strides {", st[0],
+          ", ", st[1], ", ", st[2], ", ", st[3], "}, expected {batch, token, D, 1} with token >= heads * D = ",
+          heads * d.D, ", batch >= T * token and D = ", d.D);
+}
+template <class T>
+RowStrides row_strides(TensorView<T> x) {
+  return {x.stride[0], x.stride[1]};
+}
+// Whether a raw tensor's rows can move 16 bytes at a time.
+template <class T>
+bool rows_vectorizable(TensorView<T> x) {
+  return x.stride[0] % 8 == 0 && x.stride[1] % 8 == 0 && x.stride[2] % 8 == 0 &&
+         reinterpret_cast<std::uintptr_t>(x.data) % 16 == 0;
 }
 template <class T>
 void check_optional_state(TensorView<T> x, const Dims& d, const std::string& what) {
@@ -139,9 +170,9 @@ inline Dims check_inputs(TensorView<const bfloat16> q, TensorView<const bfloat16
   require(k.rank() == 4, where, ": k has shape ", k.shape, ", expected [B, T, Hs, D]");
   const Dims d{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
   check_dims(d, where.c_str());
-  check_device_tensor(q, Shape{d.B, d.T, d.H, d.D}, where + ": q");
-  check_device_tensor(k, Shape{d.B, d.T, d.Hs, d.D}, where + ": k");
-  check_device_tensor(v, Shape{d.B, d.T, d.Hs, d.D}, where + ": v");
+  check_raw_tensor(q, d, d.H, where + ": q");
+  check_raw_tensor(k, d, d.Hs, where + ": k");
+  check_raw_tensor(v, d, d.Hs, where + ": v");
   check_device_tensor(g, Shape{d.B, d.T, d.Hs}, where + ": g");
   check_device_tensor(beta, Shape{d.B, d.T, d.Hs}, where + ": beta");
   require(std::isfinite(scale), where, ": scale = ", scale, ", expected a finite value");
@@ -155,8 +186,6 @@ inline void check_workspace(void* workspace, std::size_t bytes, std::size_t need
   require(workspace != nullptr, where, ": workspace is null");
   require(reinterpret_cast<std::uintptr_t>(workspace) % 16 == 0, where, ": workspace must be 16-byte aligned");
 }
-
-inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 inline Params make_params(const Dims& d, float scale, float eps) {
   Params p;
@@ -255,7 +284,7 @@ inline std::size_t workspace_bytes(const Backward& a) {
 inline void forward(const Forward& a, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
   const std::string where = "gdn::forward";
   const Dims d = detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, where);
-  detail::check_device_tensor(a.o, Shape{d.B, d.T, d.H, d.D}, where + ": o");
+  detail::check_raw_tensor(a.o, d, d.H, where + ": o");
   detail::check_optional_state(a.initial_state, d, where + ": initial_state");
   detail::check_optional_state(a.final_state, d, where + ": final_state");
   const detail::WorkspaceLayout layout(d);
@@ -264,8 +293,10 @@ inline void forward(const Forward& a, void* workspace, std::size_t workspace_byt
   detail::Params p = detail::make_params(d, a.scale, a.eps);
   p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.g = a.g.data, p.beta = a.beta.data, p.o = a.o.data;
   p.initial_state = a.initial_state.data, p.final_state = a.final_state.data;
-  p.vector = d.D % 8 == 0 && detail::aligned16(p.q) && detail::aligned16(p.k) && detail::aligned16(p.v) &&
-             detail::aligned16(p.o);
+  p.q_rows = detail::row_strides(a.q), p.k_rows = detail::row_strides(a.k), p.v_rows = detail::row_strides(a.v);
+  p.o_rows = detail::row_strides(a.o);
+  p.vector = detail::rows_vectorizable(a.q) && detail::rows_vectorizable(a.k) && detail::rows_vectorizable(a.v) &&
+             detail::rows_vectorizable(a.o);
   detail::carve(p, layout, workspace, false);
   detail::with_padded_head_dim(d.D, [&]<int Dp>() { detail::run_forward<Dp>(p, false, true, stream); });
 }
@@ -274,11 +305,11 @@ inline void backward(const Backward& a, void* workspace, std::size_t workspace_b
   const std::string where = "gdn::backward";
   const Dims d = detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, where);
   detail::check_optional_state(a.initial_state, d, where + ": initial_state");
-  detail::check_device_tensor(a.d_o, Shape{d.B, d.T, d.H, d.D}, where + ": d_o");
+  detail::check_raw_tensor(a.d_o, d, d.H, where + ": d_o");
   detail::check_optional_state(a.d_final_state, d, where + ": d_final_state");
-  detail::check_device_tensor(a.dq, Shape{d.B, d.T, d.H, d.D}, where + ": dq");
-  detail::check_device_tensor(a.dk, Shape{d.B, d.T, d.Hs, d.D}, where + ": dk");
-  detail::check_device_tensor(a.dv, Shape{d.B, d.T, d.Hs, d.D}, where + ": dv");
+  detail::check_raw_tensor(a.dq, d, d.H, where + ": dq");
+  detail::check_raw_tensor(a.dk, d, d.Hs, where + ": dk");
+  detail::check_raw_tensor(a.dv, d, d.Hs, where + ": dv");
   detail::check_device_tensor(a.dg, Shape{d.B, d.T, d.Hs}, where + ": dg");
   detail::check_device_tensor(a.dbeta, Shape{d.B, d.T, d.Hs}, where + ": dbeta");
   detail::check_optional_state(a.d_initial_state, d, where + ": d_initial_state");
@@ -290,11 +321,12 @@ inline void backward(const Backward& a, void* workspace, std::size_t workspace_b
   p.initial_state = a.initial_state.data, p.d_o = a.d_o.data, p.d_final_state = a.d_final_state.data;
   p.dq = a.dq.data, p.dk = a.dk.data, p.dv = a.dv.data, p.dg = a.dg.data, p.dbeta = a.dbeta.data;
   p.d_initial_state = a.d_initial_state.data;
-  p.vector = d.D % 8 == 0;
-  for (const void* ptr : {static_cast<const void*>(p.q), static_cast<const void*>(p.k), static_cast<const void*>(p.v),
-                          static_cast<const void*>(p.d_o), static_cast<const void*>(p.dq),
-                          static_cast<const void*>(p.dk), static_cast<const void*>(p.dv)})
-    p.vector = p.vector && detail::aligned16(ptr);
+  p.q_rows = detail::row_strides(a.q), p.k_rows = detail::row_strides(a.k), p.v_rows = detail::row_strides(a.v);
+  p.d_o_rows = detail::row_strides(a.d_o), p.dq_rows = detail::row_strides(a.dq);
+  p.dk_rows = detail::row_strides(a.dk), p.dv_rows = detail::row_strides(a.dv);
+  p.vector = detail::rows_vectorizable(a.q) && detail::rows_vectorizable(a.k) && detail::rows_vectorizable(a.v) &&
+             detail::rows_vectorizable(a.d_o) && detail::rows_vectorizable(a.dq) && detail::rows_vectorizable(a.dk) &&
+             detail::rows_vectorizable(a.dv);
   detail::carve(p, layout, workspace, true);
   detail::with_padded_head_dim(d.D, [&]<int Dp>() { detail::run_backward<Dp>(p, stream); });
 }
@@ -303,12 +335,14 @@ inline void decode(const Decode& a, cudaStream_t stream) {
   const std::string where = "gdn::decode";
   const Dims d = detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, where);
   detail::check_device_tensor(a.state, Shape{d.B, d.Hs, d.D, d.D}, where + ": state");
-  detail::check_device_tensor(a.o, Shape{d.B, d.T, d.H, d.D}, where + ": o");
+  detail::check_raw_tensor(a.o, d, d.H, where + ": o");
   require(d.Hs <= 65535, where, ": Hs = ", d.Hs, " must be at most 65535");
 
   detail::Params p = detail::make_params(d, a.scale, a.eps);
   p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.g = a.g.data, p.beta = a.beta.data, p.o = a.o.data;
   p.state = a.state.data;
+  p.q_rows = detail::row_strides(a.q), p.k_rows = detail::row_strides(a.k), p.v_rows = detail::row_strides(a.v);
+  p.o_rows = detail::row_strides(a.o);
   detail::with_padded_head_dim(d.D, [&]<int Dp>() {
     detail::launch(detail::decode_tokens<Dp>, dim3(unsigned(d.Hs), unsigned(d.B)), detail::DecodeShape<Dp>::threads,
                    0, stream, p, "gdn decode_tokens launch");

@@ -21,7 +21,8 @@
 //
 // Layouts and parameters: gated_linear/cuda/params.cuh. Every d_head from 1 to 128 works: the
 // kernels are instantiated for widths 16, 32, 64 and 128 and zero-fill up to the width; inputs
-// whose d_head is not a multiple of 8 (or that are not 16-byte aligned) take a scalar load path.
+// whose d_head or token strides are not multiples of 8 (or that are not 16-byte aligned) take a
+// scalar load path. q, k, v, dq, dk, dv may be rows of wider buffers (their *_stride fields).
 // Launchers check every argument before any CUDA call, never allocate and never synchronise.
 #pragma once
 
@@ -64,15 +65,34 @@ inline void check_sizes(const char* fn, int batch, int length, int n_heads, int 
   require(std::int64_t(batch) * max_sweeps <= 65535, fn, ": batch = ", batch, ", expected ≤ ", 65535 / max_sweeps);
 }
 
-inline void check_inputs(const char* fn, const Inputs& p) {
+// Elements from one token to the next of a [B, T, heads, D] tensor: `given`, or heads·D for 0.
+inline std::int64_t token_stride(const char* fn, const char* name, index_t given, int heads, int d_head) {
+  const std::int64_t dense = std::int64_t(heads) * d_head;
+  require(given == 0 || given >= dense, fn, ": ", name, " = ", given, ", expected 0 (dense) or ≥ heads × d_head = ",
+          dense);
+  return given == 0 ? dense : given;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// 16-byte loads and stores of a strided bf16 tensor need an aligned base and a stride of whole
+// 16-byte units; otherwise the kernels take the scalar path.
+inline bool vector_ready(const void* p, std::int64_t stride) { return aligned16(p) && stride % 8 == 0; }
+
+struct InputStrides {
+  std::int64_t q = 0, k = 0, v = 0;
+};
+
+inline InputStrides check_inputs(const char* fn, const Inputs& p) {
   check_sizes(fn, p.batch, p.length, p.n_heads, p.n_kv_heads, p.d_head, p.scale);
   require(p.q != nullptr, fn, ": q is null");
   require(p.k != nullptr, fn, ": k is null");
   require(p.v != nullptr, fn, ": v is null");
   require(p.g != nullptr, fn, ": g (log decays) is null");
+  return {token_stride(fn, "q_stride", p.q_stride, p.n_heads, p.d_head),
+          token_stride(fn, "k_stride", p.k_stride, p.n_kv_heads, p.d_head),
+          token_stride(fn, "v_stride", p.v_stride, p.n_kv_heads, p.d_head)};
 }
-
-inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 inline std::size_t aligned_bytes(std::size_t floats) { return (floats * sizeof(float) + 255) / 256 * 256; }
 
@@ -122,12 +142,13 @@ inline void set_segments(SweepBatch& batch, Sweep& s, const SweepPlan& plan, Car
   s.segment_decays = carver.take(plan.decay_floats);
 }
 
-inline SweepBatch sweep_batch(const Inputs& p) {
+inline SweepBatch sweep_batch(const Inputs& p, const InputStrides& strides) {
   SweepBatch batch;
   batch.g = p.g;
   batch.batch = p.batch, batch.length = p.length, batch.n_heads = p.n_heads, batch.d_head = p.d_head;
   batch.scale = p.scale;
-  batch.vector_io = p.d_head % 8 == 0 && aligned16(p.q) && aligned16(p.k) && aligned16(p.v);
+  batch.vector_io = p.d_head % 8 == 0 && vector_ready(p.q, strides.q) && vector_ready(p.k, strides.k) &&
+                    vector_ready(p.v, strides.v);
   return batch;
 }
 
@@ -174,19 +195,19 @@ inline std::size_t forward_workspace_bytes(const ForwardParams& p) {
 
 inline void forward(const ForwardParams& p, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
   constexpr const char* fn = "gla::forward";
-  detail::check_inputs(fn, p);
+  const detail::InputStrides strides = detail::check_inputs(fn, p);
   require(p.o != nullptr, fn, ": o is null");
   const detail::SweepPlan plan = detail::sweep_plan(p, 1);
   detail::check_workspace(fn, workspace, workspace_bytes, plan.bytes_per_sweep());
 
-  detail::SweepBatch batch = detail::sweep_batch(p);
+  detail::SweepBatch batch = detail::sweep_batch(p, strides);
   batch.vector_io = batch.vector_io && detail::aligned16(p.o);
   const int group = p.n_heads / p.n_kv_heads;
   detail::Sweep& s = batch.sweep[0];
-  s.x = {p.q, p.n_heads, 1};
-  s.y = {p.k, p.n_kv_heads, group};
-  s.z = {p.v, p.n_kv_heads, group};
-  s.out = p.o;
+  s.x = {p.q, p.n_heads, 1, strides.q};
+  s.y = {p.k, p.n_kv_heads, group, strides.k};
+  s.z = {p.v, p.n_kv_heads, group, strides.v};
+  s.out = p.o, s.out_stride = std::int64_t(p.n_heads) * p.d_head;
   s.state_in = p.initial_state;
   s.state_out = p.final_state;
   batch.n_sweeps = 1;
@@ -204,22 +225,27 @@ inline std::size_t backward_workspace_bytes(const BackwardParams& p) {
 
 inline void backward(const BackwardParams& p, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
   constexpr const char* fn = "gla::backward";
-  detail::check_inputs(fn, p);
+  const detail::InputStrides strides = detail::check_inputs(fn, p);
   require(p.d_o != nullptr, fn, ": d_o is null");
   require(p.dq != nullptr, fn, ": dq is null");
   require(p.dk != nullptr, fn, ": dk is null");
   require(p.dv != nullptr, fn, ": dv is null");
   require(p.dg != nullptr, fn, ": dg is null");
+  const std::int64_t dq_stride = detail::token_stride(fn, "dq_stride", p.dq_stride, p.n_heads, p.d_head);
+  const std::int64_t dk_stride = detail::token_stride(fn, "dk_stride", p.dk_stride, p.n_kv_heads, p.d_head);
+  const std::int64_t dv_stride = detail::token_stride(fn, "dv_stride", p.dv_stride, p.n_kv_heads, p.d_head);
   require(p.d_initial_state == nullptr || (p.d_initial_state != p.d_final_state && p.d_initial_state != p.initial_state),
           fn, ": d_initial_state must not alias d_final_state or initial_state");
   const detail::BackwardScratch scratch = detail::backward_scratch(p);
   detail::check_workspace(fn, workspace, workspace_bytes, scratch.bytes());
 
   const int H = p.n_heads, Hkv = p.n_kv_heads, group = H / Hkv;
-  const detail::Operand q{p.q, H, 1}, k{p.k, Hkv, group}, v{p.v, Hkv, group}, d_o{p.d_o, H, 1};
-  detail::SweepBatch batch = detail::sweep_batch(p);
-  batch.vector_io = batch.vector_io && detail::aligned16(p.d_o) && detail::aligned16(p.dq) &&
-                    detail::aligned16(p.dk) && detail::aligned16(p.dv);
+  const std::int64_t dense = std::int64_t(H) * p.d_head;
+  const detail::Operand q{p.q, H, 1, strides.q}, k{p.k, Hkv, group, strides.k}, v{p.v, Hkv, group, strides.v},
+      d_o{p.d_o, H, 1, dense};
+  detail::SweepBatch batch = detail::sweep_batch(p, strides);
+  batch.vector_io = batch.vector_io && detail::aligned16(p.d_o) && detail::vector_ready(p.dq, dq_stride) &&
+                    detail::vector_ready(p.dk, dk_stride) && detail::vector_ready(p.dv, dv_stride);
   batch.n_sweeps = 3;
   detail::Carver carver(workspace);
   for (detail::Sweep& s : batch.sweep) detail::set_segments(batch, s, scratch.plan, carver);
@@ -231,29 +257,29 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
 
   detail::Sweep& dq = batch.sweep[0];
   dq.x = d_o, dq.y = v, dq.z = k;
-  dq.out = p.dq;
+  dq.out = p.dq, dq.out_stride = dq_stride;
   dq.dot = q, dq.dot_partials = q_dot;
   dq.state_in = p.initial_state, dq.state_out = final_state, dq.state_transposed = true;
   detail::Sweep& dk = batch.sweep[1];
   dk.x = v, dk.y = d_o, dk.z = q, dk.reverse = true;
-  if (group == 1) dk.out = p.dk;
-  else dk.out_f32 = dk_heads;
+  if (group == 1) dk.out = p.dk, dk.out_stride = dk_stride;
+  else dk.out_f32 = dk_heads, dk.out_stride = dense;
   dk.dot = k, dk.dot_partials = k_dot;
   dk.state_in = p.d_final_state, dk.state_transposed = true;
   detail::Sweep& dv = batch.sweep[2];
   dv.x = k, dv.y = q, dv.z = d_o, dv.reverse = true;
-  if (group == 1) dv.out = p.dv;
-  else dv.out_f32 = dv_heads;
+  if (group == 1) dv.out = p.dv, dv.out_stride = dv_stride;
+  else dv.out_f32 = dv_heads, dv.out_stride = dense;
   dv.state_in = p.d_final_state, dv.state_out = p.d_initial_state;
   detail::launch(batch, stream);
 
   if (group > 1) {
-    const std::int64_t kv_rows = std::int64_t(p.batch) * p.length * Hkv;
-    const std::int64_t n = kv_rows * p.d_head;
+    const std::int64_t tokens = std::int64_t(p.batch) * p.length;
+    const std::int64_t n = tokens * Hkv * p.d_head;
     const int blocks = int(std::min<std::int64_t>((n + 255) / 256, 4096));
-    detail::sum_groups_kernel<256><<<blocks, 256, 0, stream>>>(dk_heads, p.dk, kv_rows, group, p.d_head);
+    detail::sum_groups_kernel<256><<<blocks, 256, 0, stream>>>(dk_heads, p.dk, tokens, Hkv, group, p.d_head, dk_stride);
     check(cudaGetLastError(), "gla backward: dk group sum launch");
-    detail::sum_groups_kernel<256><<<blocks, 256, 0, stream>>>(dv_heads, p.dv, kv_rows, group, p.d_head);
+    detail::sum_groups_kernel<256><<<blocks, 256, 0, stream>>>(dv_heads, p.dv, tokens, Hkv, group, p.d_head, dv_stride);
     check(cudaGetLastError(), "gla backward: dv group sum launch");
   }
 

@@ -72,12 +72,12 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_local_gradie
 
   Fragments<chunk, Dp, warps> dw;
   Fragments<Dp, Dp, warps> y;
-  const std::int64_t ld = std::int64_t(p.H) * p.D;
   for (int h = s * p.group; h < (s + 1) * p.group; ++h) {
     __syncthreads();
-    const std::int64_t raw = raw_offset(p, b, t0, h, p.H);
-    load_rows<chunk, Dp, threads>(q, p.q + raw, ld, 0, n, p.D, p.vector);
-    load_rows<chunk, Dp, threads>(sm.d_o, p.d_o + raw, ld, 0, n, p.D, p.vector);
+    load_rows<chunk, Dp, threads>(q, p.q + raw_offset(p.q_rows, b, t0, h, p.D), p.q_rows.token, 0, n, p.D,
+                                  p.vector);
+    load_rows<chunk, Dp, threads>(sm.d_o, p.d_o + raw_offset(p.d_o_rows, b, t0, h, p.D), p.d_o_rows.token, 0, n,
+                                  p.D, p.vector);
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
     __syncthreads();
@@ -240,7 +240,6 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
   const int t0 = c * chunk, n = min(chunk, p.T - t0);
   const std::int64_t head = std::int64_t(b) * p.Hs + s, row0 = head * p.padded_T + t0;
   const std::int64_t checkpoint = (head * p.n_chunks + c) * Dp * Dp;
-  const std::int64_t raw_s = raw_offset(p, b, t0, s, p.Hs), ld_s = std::int64_t(p.Hs) * p.D;
 
   // Phase 0: loads. Regions: 0 = V, 1 = dW, 2 = T (hi | lo), 3 = dR (written in phase 1).
   // T enters dR = Tᵀ dW as a bf16 pair (hi + lo), at fp32 accuracy: dR feeds every gradient of
@@ -255,7 +254,7 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
   load_tile_async<chunk, Dp, threads>(dW, p.dw + row0 * Dp, Dp);
   load_tile_async<Dp, Dp, threads>(sm.s0, p.states + checkpoint, Dp);
   load_tile_async<Dp, Dp, threads>(sm.ds, p.d_states + checkpoint, Dp);
-  load_rows<chunk, Dp, threads>(v, p.v + raw_s, ld_s, 0, n, p.D, p.vector);
+  load_rows<chunk, Dp, threads>(v, p.v + raw_offset(p.v_rows, b, t0, s, p.D), p.v_rows.token, 0, n, p.D, p.vector);
   ptx::cp_async_commit();
   if (tid < chunk) {
     sm.g2[tid] = p.g_cum[row0 + tid];
@@ -289,7 +288,8 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
     __syncthreads();
     r.store(v, pitch(Dp), [&](int i, int, float x) { return sm.beta[i] * x; });
     __syncthreads();
-    store_rows<chunk, Dp, threads>(p.dv + raw_s, ld_s, n, p.D, v, p.vector);
+    store_rows<chunk, Dp, threads>(p.dv + raw_offset(p.dv_rows, b, t0, s, p.D), p.dv_rows.token, n, p.D, v,
+                                   p.vector);
   }
   // M ∘ K̂K̂ᵀ (fp32) into region 2, T no longer needed.
   float* mkk = sm.template at<float>(2);
@@ -343,11 +343,11 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
   bfloat16* d_o = sm.template at<bfloat16>(2);
   bfloat16* dpm = sm.template at<bfloat16>(0);
   bfloat16* stage = sm.template at<bfloat16>(1);
-  const std::int64_t ld_h = std::int64_t(p.H) * p.D;
   for (int h = s * p.group; h < (s + 1) * p.group; ++h) {
-    const std::int64_t raw_h = raw_offset(p, b, t0, h, p.H);
-    load_rows<chunk, Dp, threads>(q, p.q + raw_h, ld_h, 0, n, p.D, p.vector);
-    load_rows<chunk, Dp, threads>(d_o, p.d_o + raw_h, ld_h, 0, n, p.D, p.vector);
+    load_rows<chunk, Dp, threads>(q, p.q + raw_offset(p.q_rows, b, t0, h, p.D), p.q_rows.token, 0, n, p.D,
+                                  p.vector);
+    load_rows<chunk, Dp, threads>(d_o, p.d_o + raw_offset(p.d_o_rows, b, t0, h, p.D), p.d_o_rows.token, 0, n, p.D,
+                                  p.vector);
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
     __syncthreads();
@@ -379,7 +379,8 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
       return sm.q_inv[i] * (x - __bfloat162float(q[i * pitch(Dp) + j]) * Shared::total(sm.dot, i));
     });
     __syncthreads();
-    store_rows<chunk, Dp, threads>(p.dq + raw_h, ld_h, n, p.D, stage, p.vector);
+    store_rows<chunk, Dp, threads>(p.dq + raw_offset(p.dq_rows, b, t0, h, p.D), p.dq_rows.token, n, p.D, stage,
+                                   p.vector);
   }
 
   // Phase 6: dk through the normalisation; <S0, dS>; dg and dβ.
@@ -424,7 +425,8 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
     sm.dgam_total[i] = sm.dgam[i] - sm.beta[i] * y + (i == n - 1 ? state_dot : 0.f);
   }
   __syncthreads();
-  store_rows<chunk, Dp, threads>(p.dk + raw_s, ld_s, n, p.D, dk_stage, p.vector);
+  store_rows<chunk, Dp, threads>(p.dk + raw_offset(p.dk_rows, b, t0, s, p.D), p.dk_rows.token, n, p.D, dk_stage,
+                                 p.vector);
   if (tid < n) {
     const int l = tid;
     float cover = 0.f, after = 0.f, before = 0.f;

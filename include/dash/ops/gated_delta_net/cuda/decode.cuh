@@ -56,9 +56,9 @@ __global__ void __launch_bounds__(DecodeShape<Dp>::threads) decode_tokens(const 
   }
   for (int t = 0; t < p.T; ++t) {
     __syncthreads();
-    if (warp == 0) normalized_row<Dp>(p.k + raw_offset(p, b, t, s, p.Hs), p.D, p.eps, k_hat);
+    if (warp == 0) normalized_row<Dp>(p.k + raw_offset(p.k_rows, b, t, s, p.D), p.D, p.eps, k_hat);
     if (warp == 1) {
-      const bfloat16* v = p.v + raw_offset(p, b, t, s, p.Hs);
+      const bfloat16* v = p.v + raw_offset(p.v_rows, b, t, s, p.D);
       for (int i = tid - 32; i < Dp; i += 32) v_row[i] = i < p.D ? __bfloat162float(v[i]) : 0.f;
     }
     if (tid == 64) {
@@ -80,14 +80,14 @@ __global__ void __launch_bounds__(DecodeShape<Dp>::threads) decode_tokens(const 
     for (int r = 0; r < R; ++r) S[r] += k_hat[4 * r + part] * w;
     for (int h = s * p.group; h < (s + 1) * p.group; ++h) {
       __syncthreads();
-      if (warp == 0) normalized_row<Dp>(p.q + raw_offset(p, b, t, h, p.H), p.D, p.eps, q_hat);
+      if (warp == 0) normalized_row<Dp>(p.q + raw_offset(p.q_rows, b, t, h, p.D), p.D, p.eps, q_hat);
       __syncthreads();
       float o = 0.f;
 #pragma unroll
       for (int r = 0; r < R; ++r) o += S[r] * q_hat[4 * r + part];
       o += __shfl_xor_sync(0xffffffffu, o, 1);
       o += __shfl_xor_sync(0xffffffffu, o, 2);
-      if (live && part == 0) p.o[raw_offset(p, b, t, h, p.H) + col] = __float2bfloat16(p.scale * o);
+      if (live && part == 0) p.o[raw_offset(p.o_rows, b, t, h, p.D) + col] = __float2bfloat16(p.scale * o);
     }
   }
 #pragma unroll

@@ -124,9 +124,10 @@ __global__ void __launch_bounds__(256, 3) prepare_chunks(const Params p) {
   const int t0 = c * chunk, n = min(chunk, p.T - t0);
   const std::int64_t head = std::int64_t(b) * p.Hs + s, row0 = head * p.padded_T + t0;
 
-  const std::int64_t raw = raw_offset(p, b, t0, s, p.Hs), ld = std::int64_t(p.Hs) * p.D;
-  load_rows<chunk, Dp, threads>(sm.k, p.k + raw, ld, 0, n, p.D, p.vector);
-  load_rows<chunk, Dp, threads>(sm.v, p.v + raw, ld, 0, n, p.D, p.vector);
+  load_rows<chunk, Dp, threads>(sm.k, p.k + raw_offset(p.k_rows, b, t0, s, p.D), p.k_rows.token, 0, n, p.D,
+                                p.vector);
+  load_rows<chunk, Dp, threads>(sm.v, p.v + raw_offset(p.v_rows, b, t0, s, p.D), p.v_rows.token, 0, n, p.D,
+                                p.vector);
   ptx::cp_async_commit();
   if (tid < chunk) {
     const std::int64_t at = (std::int64_t(b) * p.T + t0 + tid) * p.Hs + s;
@@ -296,8 +297,8 @@ __global__ void __launch_bounds__(256) chunk_outputs(const Params p) {
   const int t0 = c * chunk, n = min(chunk, p.T - t0);
   const std::int64_t head = std::int64_t(b) * p.Hs + h / p.group, row0 = head * p.padded_T + t0;
 
-  const std::int64_t raw = raw_offset(p, b, t0, h, p.H), ld = std::int64_t(p.H) * p.D;
-  load_rows<chunk, Dp, threads>(sm.q, p.q + raw, ld, 0, n, p.D, p.vector);
+  load_rows<chunk, Dp, threads>(sm.q, p.q + raw_offset(p.q_rows, b, t0, h, p.D), p.q_rows.token, 0, n, p.D,
+                                p.vector);
   load_tile_async<chunk, Dp, threads>(sm.k, p.k_hat + row0 * Dp, Dp);
   load_tile_async<chunk, Dp, threads>(sm.w, p.v_new + row0 * Dp, Dp);
   load_tile_async<Dp, Dp, threads>(sm.s, p.states + (head * p.n_chunks + c) * Dp * Dp, Dp);
@@ -323,7 +324,8 @@ __global__ void __launch_bounds__(256) chunk_outputs(const Params p) {
   __syncthreads();
   out.store(sm.q, pitch(Dp));
   __syncthreads();
-  store_rows<chunk, Dp, threads>(p.o + raw, ld, n, p.D, sm.q, p.vector);
+  store_rows<chunk, Dp, threads>(p.o + raw_offset(p.o_rows, b, t0, h, p.D), p.o_rows.token, n, p.D, sm.q,
+                                 p.vector);
 }
 
 }  // namespace dash::cuda::gdn::detail

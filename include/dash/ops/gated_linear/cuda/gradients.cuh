@@ -87,16 +87,19 @@ __global__ void __launch_bounds__(Threads) gate_gradient_kernel(GateGradient p) 
   }
 }
 
-// out[b, t, j, :] = Σ_{h in group j} in[b, t, h, :], in fp32 [B, T, H, D], out bf16 [B, T, Hkv, D].
+// out[b, t, j, :] = Σ_{h in group j} in[b, t, h, :], in fp32 [B, T, H, D], out bf16 [B, T, Hkv, D]
+// with out_stride elements from one token to the next.
 template <int Threads>
-__global__ void __launch_bounds__(Threads) sum_groups_kernel(const float* in, bfloat16* out, std::int64_t kv_rows, int group, int d_head) {
-  const std::int64_t n = kv_rows * d_head;
+__global__ void __launch_bounds__(Threads) sum_groups_kernel(const float* in, bfloat16* out, std::int64_t tokens,
+                                                              int n_kv_heads, int group, int d_head,
+                                                              std::int64_t out_stride) {
+  const std::int64_t n = tokens * n_kv_heads * d_head;
   for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
        i += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t row = i / d_head, d = i % d_head;
+    const std::int64_t row = i / d_head, d = i % d_head;  // row = token·Hkv + kv head
     float sum = 0.f;
     for (int j = 0; j < group; ++j) sum += in[(row * group + j) * d_head + d];
-    out[i] = __float2bfloat16(sum);
+    out[row / n_kv_heads * out_stride + row % n_kv_heads * d_head + d] = __float2bfloat16(sum);
   }
 }
 

@@ -45,11 +45,13 @@
 
 namespace dash::cuda::gla::detail {
 
-// A [B, T, heads, D] bf16 tensor in one role of a sweep: sweep head h reads head h / divisor.
+// A [B, T, heads, D] bf16 tensor in one role of a sweep, `stride` elements from one token to the
+// next (≥ heads·D): sweep head h reads head h / divisor.
 struct Operand {
   const bfloat16* data = nullptr;
   int heads = 0;
   int divisor = 1;
+  std::int64_t stride = 0;
 };
 
 struct Sweep {
@@ -57,6 +59,7 @@ struct Sweep {
   bool reverse = false;
   bfloat16* out = nullptr;        // [B, T, H, D], or
   float* out_f32 = nullptr;       // [B, T, H, D] (exactly one of the two is set)
+  std::int64_t out_stride = 0;    // elements from one token of out to the next (≥ H·D)
   Operand dot;                    // when set: Σ_d out_{t,d}·dot_{t,d} over each warp's columns ...
   float* dot_partials = nullptr;  // ... into [B, H, partials, T]
   const float* state_in = nullptr;  // [B, H, D, D] or null (zero)
@@ -74,7 +77,7 @@ struct SweepBatch {
   const float* g = nullptr;  // [B, T, H]
   int batch = 0, length = 0, n_heads = 0, d_head = 0;
   float scale = 0;
-  bool vector_io = false;    // d_head % 8 == 0 and every bf16 pointer 16-byte aligned
+  bool vector_io = false;    // d_head and every stride % 8 == 0, every bf16 pointer 16-byte aligned
   int segments = 1;          // P
   int segment_chunks = 0;    // chunks per segment (the last may have fewer)
   bool states_only = false;  // the first pass of a segmented sweep
@@ -135,12 +138,12 @@ struct DefaultShape<128> : SweepShape<128, 64, 64, 8> {};
 template <class T>
 struct Rows {
   T* base = nullptr;
-  int stride = 0;
+  std::int64_t stride = 0;
   __device__ T* operator[](int t) const { return base + std::int64_t(t) * stride; }
 };
 
 __device__ __forceinline__ Rows<const bfloat16> rows_of(const SweepBatch& p, const Operand& x, int b, int h) {
-  return {x.data + (std::int64_t(b) * p.length * x.heads + h / x.divisor) * p.d_head, x.heads * p.d_head};
+  return {x.data + std::int64_t(b) * p.length * x.stride + std::int64_t(h / x.divisor) * p.d_head, x.stride};
 }
 
 // Rows [t0, t0 + C) and columns [col0, col0 + Width) of x into a swizzled tile; zero outside
@@ -430,13 +433,13 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
 
       const bool with_dot = s.dot.data != nullptr;
       const Rows<const bfloat16> dot_rows = with_dot ? rows_of(p, s.dot, b, h) : Rows<const bfloat16>{};
-      const std::int64_t out_head = (std::int64_t(b) * T * H + h) * D;
+      const std::int64_t out_head = std::int64_t(b) * T * s.out_stride + std::int64_t(h) * D;
       const int col_base = v_block * BV + col0 + 2 * tq;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int t = t0 + row0 + gq + 8 * half;
         const bool token = t < T;
-        const std::int64_t out_row = out_head + std::int64_t(t) * H * D;
+        const std::int64_t out_row = out_head + std::int64_t(t) * s.out_stride;
         float dot = 0.f;
 #pragma unroll
         for (int n = 0; n < out_tiles; ++n) {
@@ -459,9 +462,10 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kerne
               s.out_f32[out_row + col] = v0;
               if (pair) s.out_f32[out_row + col + 1] = v1;
             }
-            if (with_dot) {
-              dot += v0 * __bfloat162float(dot_rows[t][col]);
-              if (pair) dot += v1 * __bfloat162float(dot_rows[t][col + 1]);
+            if (with_dot) {  // the vector path's order of operations
+              const float x0 = __bfloat162float(dot_rows[t][col]);
+              const float x1 = pair ? __bfloat162float(dot_rows[t][col + 1]) : 0.f;
+              dot += v0 * x0 + v1 * x1;
             }
           }
         }
