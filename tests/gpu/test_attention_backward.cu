@@ -391,6 +391,22 @@ TEST_CASE("attention backward: GQA equals MHA on repeated k and v heads") {
     }
 }
 
+// More key tiles than a GPU has SMs (several waves of CTAs), with windows and no sinks, both
+// writing and accumulating dq, dk and dv.
+TEST_CASE("attention backward with more key tiles than the GPU has SMs") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("attention backward many key tiles");
+  for (BackwardKernel kernel : kernels()) {
+    Worst worst;
+    for (const Case& c : {Case{2, 1030, 8, 1, 128, 100, 0}, Case{3, 777, 8, 2, 64, 150, 0}}) {
+      const Problem pr = make_problem(c, rng);
+      check_against_reference(pr, {.kernel = kernel}, rng, worst);
+      check_against_reference(pr, {.kernel = kernel, .accumulate = true}, rng, worst);
+    }
+    report("many key tiles", kernel, worst);
+  }
+}
+
 // Small enough for compute-sanitizer (memcheck, racecheck): every path once.
 TEST_CASE("attention backward on small shapes") {
   if (!test::gpu_available()) return;

@@ -179,6 +179,7 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
   args.sinks = int(std::min<std::int64_t>(p.mask.sinks, p.length));
   args.vector_qkv = rows_in_chunks(p.q, p.q_strides, p.d_head) && rows_in_chunks(p.k, p.k_strides, p.d_head) &&
                     rows_in_chunks(p.v, p.v_strides, p.d_head) && rows_in_chunks(p.d_o, p.d_o_strides, p.d_head);
+  args.vector_kv_grads = rows_in_chunks(p.dk, p.dk_strides, p.d_head) && rows_in_chunks(p.dv, p.dv_strides, p.d_head);
 
   int device = 0, major = 0;
   check(cudaGetDevice(&device), "attention backward: cudaGetDevice");

@@ -33,15 +33,18 @@ struct BackwardArgs {
   int dq_row = 0;           // d_head rounded up to 8 (aligned two-float atomics, 32-byte rows)
   int window = 0;           // the mask's window and sinks clamped to T (i − j < T always holds)
   int sinks = 0;
-  bool vector_qkv = false;  // q, k, v, d_o rows can be read in 16-byte chunks
+  bool vector_qkv = false;       // q, k, v, d_o rows can be read in 16-byte chunks
+  bool vector_kv_grads = false;  // dk, dv rows can be written in 16-byte chunks
 };
 
 // The mask of params.cuh on one (query, key) pair and on tiles, as in AttentionMask.
 struct TileMask {
   int window, sinks;
 
+  // Bitwise rather than short-circuit operators: evaluated per element of a tile, the latter
+  // compile to a divergent branch per element.
   __device__ bool visible(int query, int key) const {
-    return key <= query && (query - key < window || key < sinks);
+    return (key <= query) & ((query - key < window) | (key < sinks));
   }
   // Whether every pair of the tile [q0, q1) × [k0, k1) is visible (no per-element mask needed).
   __device__ bool full(int q0, int q1, int k0, int k1) const {

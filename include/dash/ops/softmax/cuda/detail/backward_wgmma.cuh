@@ -11,11 +11,12 @@
 //   dSᵀ = Pᵀ ∘ (dPᵀ − D),  dK += dSᵀ Q        (while dV runs; same form as dV)
 //   dQ  = dS K                               (m64n(D/2) per warpgroup over all 128 keys: dSᵀ
 //                                             and K transposed from shared memory)
-// dK, dV stay in registers until the end. Each step's dQ tile goes through shared memory
-// (128-byte-swizzled boxes of 64 rows × 32 floats) to the fp32 accumulator by tensor bulk
-// reductions (cp.reduce.async.bulk.tensor through a tensor map, added in L2; rows past T are
-// clipped), issued by one thread after the next step's first barrier. Q, dO, lse and D are
-// double buffered with cp.async, as are the dQ tiles.
+// dK, dV stay in registers until the end, then go out through shared memory in 16-byte
+// chunks. Each step's dQ tile goes through shared memory (128-byte-swizzled boxes of 64 rows ×
+// 32 floats) to the fp32 accumulator by tensor bulk reductions (cp.reduce.async.bulk.tensor
+// through a tensor map, added in L2; rows past T are clipped), issued by one thread after the
+// next step's first barrier. Q, dO, lse and D are double buffered with cp.async, as are the dQ
+// tiles.
 #pragma once
 
 #include <cuda.h>
@@ -265,17 +266,72 @@ __global__ void __launch_bounds__(256, 1)
   __syncthreads();  // the last step's dQ tile is in
   if (threadIdx.x == 0) {
     if (steps > 0) send_dq(previous, (steps - 1) & 1);
-    ptx::bulk_wait<0>();  // shared memory stays until the reductions have read it
+    ptx::bulk_wait_read<0>();  // shared memory stays until the reductions have read it
   }
 
-  const std::int64_t dk_head = head_offset(p.dk_strides, b, kv_head, p.d_head);
-  const std::int64_t dv_head = head_offset(p.dv_strides, b, kv_head, p.d_head);
+  // dK and dV through shared memory (K to dO are no longer read), fp32 [keys][DPad] each with
+  // 16-byte chunk c of row r at c ⊕ (r mod 8): the fragment writes and the row reads are then
+  // free of bank conflicts. Out in chunks of 8 columns, each warp two whole rows (D = 128), in
+  // place of 2-byte stores that fill a quarter of each sector they touch.
+  constexpr int staged_row_bytes = DPad * 4;
+  static_assert(2 * Bk * staged_row_bytes <= Tiles::ds_offset);
+  const auto staged = [](int tile, int row, int col) {  // byte offset from base; col even
+    return tile * Bk * staged_row_bytes + row * staged_row_bytes + (((col / 4) ^ (row % 8)) * 16) + (col % 4) * 4;
+  };
 #pragma unroll
   for (int c = 0; c < DPad / 8; ++c)
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
-      store_key_gradients(p, dk_head, dv_head, key0 + 8 * half, 8 * c + 2 * t, dk[4 * c + 2 * half],
-                          dk[4 * c + 2 * half + 1], dv[4 * c + 2 * half], dv[4 * c + 2 * half + 1]);
+    for (int half = 0; half < 2; ++half) {
+      const int row = wg * 64 + warp * 16 + lane / 4 + 8 * half, col = 8 * c + 2 * t;
+      ptx::st_shared_v2_f32(base + staged(0, row, col), dk[4 * c + 2 * half], dk[4 * c + 2 * half + 1]);
+      ptx::st_shared_v2_f32(base + staged(1, row, col), dv[4 * c + 2 * half], dv[4 * c + 2 * half + 1]);
+    }
+  __syncthreads();
+  const std::int64_t dk_head = head_offset(p.dk_strides, b, kv_head, p.d_head);
+  const std::int64_t dv_head = head_offset(p.dv_strides, b, kv_head, p.d_head);
+  for (int e = threadIdx.x; e < Bk * (DPad / 8); e += Threads) {
+    const int row = e / (DPad / 8), col = 8 * (e % (DPad / 8)), key = k0 + row;
+    if (key >= p.length || col >= p.d_head) continue;
+    float grad[2][8];  // dK (scaled), dV
+#pragma unroll
+    for (int g = 0; g < 2; ++g)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float4 x = *reinterpret_cast<const float4*>(smem + staged(g, row, col + 4 * h));
+        const float factor = g == 0 ? p.scale : 1.f;
+        grad[g][4 * h] = factor * x.x, grad[g][4 * h + 1] = factor * x.y;
+        grad[g][4 * h + 2] = factor * x.z, grad[g][4 * h + 3] = factor * x.w;
+      }
+    bfloat16* const out[2] = {p.dk + dk_head + key * p.dk_strides.token + col,
+                              p.dv + dv_head + key * p.dv_strides.token + col};
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      if (args.vector_kv_grads) {
+        uint4 packed;
+        auto* packed2 = reinterpret_cast<__nv_bfloat162*>(&packed);
+        uint4 old = make_uint4(0, 0, 0, 0);
+        if (p.accumulate) old = *reinterpret_cast<const uint4*>(out[g]);
+        const auto* old2 = reinterpret_cast<const __nv_bfloat162*>(&old);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          float2 x{grad[g][2 * k], grad[g][2 * k + 1]};
+          if (p.accumulate) {
+            const float2 y = __bfloat1622float2(old2[k]);
+            x.x += y.x;
+            x.y += y.y;
+          }
+          packed2[k] = __float22bfloat162_rn(x);
+        }
+        *reinterpret_cast<uint4*>(out[g]) = packed;
+      } else {
+        for (int j = 0; j < 8 && col + j < p.d_head; ++j) {
+          float x = grad[g][j];
+          if (p.accumulate) x += __bfloat162float(out[g][j]);
+          out[g][j] = __float2bfloat16(x);
+        }
+      }
+    }
+  }
 #endif
 }
 

@@ -5,15 +5,18 @@
 //   producer   one thread issues TMA loads: per item the q tile (into one of kQStages buffers),
 //              then per key tile (in the order of forward_tiles.cuh) the k and v tiles into
 //              rings of kKStages and kVStages buffers, guarded by mbarriers (full: bytes landed;
-//              empty: every consumer warp is done). The rings run on across items, and an item's
-//              q is loaded as soon as its buffer is free, so loads overlap the previous item's tail;
+//              empty: every consumer warp is done with k or v, both warpgroups' o are out of the
+//              q buffer). The rings run on across items, and an item's q is loaded as soon as
+//              its buffer is free, so loads overlap the previous item's tail;
 //   consumers  two warpgroups of 64 queries each. Per key tile n, with P_{n−1} kept in
 //              registers as bf16 (the A operand of the second product):
 //                S_n = Q K_nᵀ          (wgmma, A and B from shared memory, issued first)
 //                O  += P_{n−1} V_{n−1} (wgmma, A from registers, V as the transposed B operand)
 //                wait for S_n only; online softmax of S_n (forward_softmax.cuh) overlaps the
 //                second product; wait for it; O ← α_n·O; P_n = bf16(exp(S_n − m_n))
-//              and after the last tile O += P V, O /= l, lse = λ·m + ln l, stored from registers.
+//              and after the last tile O += P V, O /= l, lse = λ·m + ln l; lse stored from
+//              registers, O staged in the warpgroup's half of the item's q buffer and stored by
+//              TMA (cp.async.bulk.tensor), whole lines at a time.
 //              The tiles of consecutive items form one stream: the next item's first S is
 //              issued with the current item's last P V (see the kernel).
 //              Optionally (kAlternate) the two take turns issuing their products.
@@ -41,6 +44,15 @@
 #include "dash/ops/softmax/cuda/params.cuh"
 
 namespace dash::cuda::attention::detail {
+
+// The box in shared memory at `src` stored to a 4-d map at (c0, c1, c2, c3), asynchronously;
+// coordinates past the tensor are not written. Tracked by this thread's bulk groups.
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, std::uint32_t src, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+                   reinterpret_cast<std::uint64_t>(map)),
+               "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
 
 // kQStages q buffers: 1 when every CTA runs one work item, 2 when CTAs run several (the next
 // item's q then loads while the current one runs; at d_head 128 a v stage makes room for it:
@@ -109,7 +121,8 @@ struct WorkItems {
 template <int kHeadDim, int kQStages, bool kAlternate>
 __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
     forward_hopper_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
-                          const __grid_constant__ CUtensorMap v_map, const ForwardParams params,
+                          const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
+                          const ForwardParams params,
                           const VisibleKeys mask) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace ptx;
@@ -151,7 +164,7 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int slot = 0; slot < kQStages; ++slot) {
       mbarrier_init(q_full(slot), 1);
-      mbarrier_init(q_empty(slot), 4 * kConsumers);  // one arrival per consumer warp
+      mbarrier_init(q_empty(slot), kConsumers);  // one arrival per consumer warpgroup, once its o is out
     }
     for (int stage = 0; stage < kKStages; ++stage) {
       mbarrier_init(k_full(stage), 1);
@@ -285,22 +298,46 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
       hide_masked<kBlockN / 8>(s, mask, item.q0 + row_in_block, k0 + 2 * (lane % 4));
     softmax.update<kBlockN / 8>(s, scale_log2, alpha);
   };
-  // o / l and lse of a finished item, stored from registers (rows past T are not stored).
+  // o / l and lse of a finished item (rows past T are not stored). lse from registers; o through
+  // this warpgroup's half of the item's q buffer (its last S is done, and the other warpgroup
+  // reads only its own half), in the 128-byte swizzle of the tiles, then out by one TMA store
+  // per 64 columns: whole lines rather than 16 bytes of 8 rows per store instruction. The q
+  // buffer goes back to the producer once the store has read it (release_stored_q): after the
+  // next step has issued its products, or before a step that waits for a q.
+  int stored_slot = -1;  // the q buffer holding a stored o not yet released
+  const auto release_stored_q = [&] {
+    if (stored_slot < 0) return;
+    if (thread == 0) {
+      bulk_wait_read<0>();
+      mbarrier_arrive(q_empty(stored_slot));
+    }
+    stored_slot = -1;
+  };
   const auto store_item = [&](const Item& item, const float (&inverse_sum)[2], const float (&lse)[2]) {
     const int row = item.q0 + row_in_block;  // this thread's first query; the second is row + 8
-    bfloat16* const out = params.o + item.batch * params.o_strides.batch + item.head * kHeadDim + 2 * (lane % 4);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int query = row + 8 * r;
-      if (query >= length) continue;
-      if (lane % 4 == 0)
-        params.lse[(std::int64_t(item.batch) * params.n_heads + item.head) * length + query] = lse[r];
-      bfloat16* const out_row = out + query * params.o_strides.token;
+    for (int r = 0; r < 2; ++r)
+      if (lane % 4 == 0 && row + 8 * r < length)
+        params.lse[(std::int64_t(item.batch) * params.n_heads + item.head) * length + row + 8 * r] = lse[r];
+    const int slot = QRing::slot(item.round);
+    const std::uint32_t staging = q_tile(slot) + 64 * consumer * 128;
 #pragma unroll
-      for (int f = 0; f < kHeadDim / 8; ++f)
-        *reinterpret_cast<std::uint32_t*>(out_row + 8 * f) =
-            pack_bf16x2(o[4 * f + 2 * r] * inverse_sum[r], o[4 * f + 2 * r + 1] * inverse_sum[r]);
+    for (int f = 0; f < kHeadDim / 8; ++f)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int staged_row = 16 * warp + lane / 4 + 8 * r;  // row within the warpgroup's 64
+        st_shared_u32(staging + (f / 8) * kQAtomBytes + staged_row * 128 + (((f % 8) ^ (staged_row % 8)) * 16) +
+                          4 * (lane % 4),
+                      pack_bf16x2(o[4 * f + 2 * r] * inverse_sum[r], o[4 * f + 2 * r + 1] * inverse_sum[r]));
+      }
+    fence_proxy_async_shared();
+    named_barrier_sync(3 + consumer, 128);  // the warpgroup's rows are all in
+    if (thread == 0 && item.q0 + 64 * consumer < length) {  // else every row is past T
+      for (int a = 0; a < kAtoms; ++a)
+        tma_store_4d(&o_map, staging + a * kQAtomBytes, 64 * a, item.q0 + 64 * consumer, item.head, item.batch);
+      bulk_commit();
     }
+    stored_slot = slot;
   };
 
   if constexpr (kAlternate)
@@ -322,18 +359,21 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
   wgmma_wait<0>();
   fence_registers(s);
   release(k_empty(KRing::slot(0)));
-  if (item.tiles.count() == 1) release(q_empty(QRing::slot(0)));
   softmax_tile(item, 0);
   scores_to_operand();
   const auto step = [&](auto next_item, const Item& next, int next_j) {
     constexpr bool kNextItem = decltype(next_item)::value;
-    if constexpr (kNextItem) mbarrier_wait(q_full(QRing::slot(next.round)), QRing::parity(next.round));
+    if constexpr (kNextItem) {
+      release_stored_q();
+      mbarrier_wait(q_full(QRing::slot(next.round)), QRing::parity(next.round));
+    }
     mbarrier_wait(k_full(KRing::slot(it + 1)), KRing::parity(it + 1));
     wait_turn();
     issue_scores(it + 1, next.round);
     mbarrier_wait(v_full(VRing::slot(it)), VRing::parity(it));
     issue_values(it);
     pass_turn();
+    release_stored_q();
     // The item's softmax statistics are final once its last tile's scores are in.
     float inverse_sum[2], lse[2];
     if constexpr (kNextItem) {
@@ -343,7 +383,6 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
     wgmma_wait<1>();  // the scores of visit it + 1 are ready; P V of visit it may still run
     fence_registers(s);
     release(k_empty(KRing::slot(it + 1)));
-    if (next_j == next.tiles.count() - 1) release(q_empty(QRing::slot(next.round)));  // its last read of q
     softmax_tile(next, next_j);
     wgmma_wait<0>();
     fence_registers(o);
@@ -376,6 +415,7 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
   fence_registers(p);
   release(v_empty(VRing::slot(it)));
   store_item(item, inverse_sum, lse);
+  release_stored_q();  // its reads of shared memory are over before the CTA exits
 #else
   __trap();  // built without sm_90a: the launcher never takes this path on such a build's devices
 #endif
@@ -418,10 +458,13 @@ void launch_forward_hopper_ctas(const ForwardParams& params, const VisibleKeys& 
                                           params.n_kv_heads, kHeadDim, Tile::kBlockN, "k");
   const CUtensorMap v_map = head_tile_map(params.v, params.v_strides, params.batch, params.length,
                                           params.n_kv_heads, kHeadDim, Tile::kBlockN, "v");
+  // o is stored by each consumer warpgroup, 64 rows at a time.
+  const CUtensorMap o_map = head_tile_map(params.o, params.o_strides, params.batch, params.length, params.n_heads,
+                                          kHeadDim, 64, "o");
   const auto kernel = forward_hopper_kernel<kHeadDim, kQStages, kAlternate>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSharedBytes),
         "attention::forward: cudaFuncSetAttribute (Hopper kernel shared memory)");
-  kernel<<<ctas, Tile::kThreads, Tile::kSharedBytes, stream>>>(q_map, k_map, v_map, params, mask);
+  kernel<<<ctas, Tile::kThreads, Tile::kSharedBytes, stream>>>(q_map, k_map, v_map, o_map, params, mask);
   check(cudaGetLastError(), "attention::forward: Hopper kernel launch");
 }
 

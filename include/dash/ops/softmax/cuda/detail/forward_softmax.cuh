@@ -24,16 +24,26 @@ constexpr float log2_e = 1.4426950408889634f;
 constexpr float minus_infinity = -std::numeric_limits<float>::infinity();
 
 // Sets to −∞ the scores the mask hides. `row` is the thread's first row (query position),
-// `key` the key of its column 0 in fragment 0, i.e. tile start + 2·(lane % 4).
+// `key` the key of its column 0 in fragment 0, i.e. tile start + 2·(lane % 4). Key key + j of
+// query i is visible iff j ≤ i − key and (j ≥ i − key − W + 1 or j < S − key): per row three
+// bounds, then per element two or three compares against the constant j and a select, with
+// no branch (a masked tile costs about as much as the softmax itself, not several times it).
 template <int kFragments>
 __device__ __forceinline__ void hide_masked(float (&s)[4 * kFragments], const VisibleKeys& mask, int row, int key) {
+  const int sink_end = mask.sinks - key;
 #pragma unroll
-  for (int f = 0; f < kFragments; ++f)
+  for (int r = 0; r < 2; ++r) {
+    const int last = row + 8 * r - key, first = last - mask.window + 1;
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
+    for (int f = 0; f < kFragments; ++f)
 #pragma unroll
-      for (int c = 0; c < 2; ++c)
-        if (!mask(row + 8 * r, key + 8 * f + c)) s[4 * f + 2 * r + c] = minus_infinity;
+      for (int c = 0; c < 2; ++c) {
+        const int j = 8 * f + c;
+        const bool visible = (j <= last) & ((j >= first) | (j < sink_end));
+        float& x = s[4 * f + 2 * r + c];
+        x = visible ? x : minus_infinity;
+      }
+  }
 }
 
 struct OnlineSoftmax {

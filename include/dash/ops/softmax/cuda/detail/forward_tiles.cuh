@@ -20,8 +20,10 @@ struct VisibleKeys {
   int window;  // ≥ 1
   int sinks;   // ≥ 0
 
+  // Bitwise rather than short-circuit operators: evaluated per element of a tile, the latter
+  // compile to a divergent branch per element.
   __host__ __device__ bool operator()(int query, int key) const {
-    return key <= query && (query - key < window || key < sinks);
+    return (key <= query) & ((query - key < window) | (key < sinks));
   }
 
   // Whether every pair of queries [q0, q1) × keys [k0, k1) is visible (both ranges non-empty).
