@@ -251,13 +251,13 @@ double gate_gradient_error(const Case& c, const Tensor<double>& got, const Gradi
 
 // The layouts every comparison runs on: T around the chunk of 64, GQA groups 1 and 3, d_head
 // 8, 40, 64, 128 and ones that are not multiples of 8, strong and weak decays, sequences long
-// enough to be split into segments; plus three drawn per run.
+// enough for many chunks; plus three drawn per run.
 std::vector<Layout> layouts(Rng& rng) {
   std::vector<Layout> all = {
       {1, 1, 2, 2, 8, 16},   {2, 7, 3, 1, 40, 1},    {1, 63, 2, 2, 64, 16},   {2, 65, 6, 2, 128, 1},
       {1, 130, 4, 4, 128, 16}, {1, 64, 3, 3, 13, 1}, {2, 200, 2, 2, 32, 16},  {1, 130, 3, 1, 100, 16},
       {1, 65, 3, 1, 8, 1},   {1, 130, 2, 2, 64, 1},
-      // long enough for the kernels to split the sequence into segments
+      // long sequences: many chunk states
       {1, 1000, 2, 2, 64, 16}, {1, 777, 3, 1, 40, 1}, {2, 520, 2, 2, 128, 16},
   };
   const index_t lengths[] = {1, 7, 63, 65, 130};
@@ -640,7 +640,7 @@ TEST_CASE("gla forward refuses bad arguments without a device") {
   kernels::ForwardParams p;
   fill_valid(p);
   CHECK(test::contains(test::error_of([&] { launch(p); }), "o is null"));
-  // A long sequence with few heads is split into segments, whose states need scratch.
+  // The state entering every chunk is kept in scratch.
   p.o = fake<bfloat16>(), p.batch = 1, p.length = 4000;
   const std::size_t bytes = kernels::forward_workspace_bytes(p);
   CHECK(bytes > 0);

@@ -3,21 +3,22 @@
 //
 //   S_t = e^{g_t}·S_{t−1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t     (per query head, fp32 state)
 //
-// forward   the chunked form (chunks of 64 tokens): one sweep kernel (gated_linear/cuda/
-//           sweep.cuh) walks each head's chunks in order with the state in registers, so chunk
-//           states are never written out; optional initial and final state.
-// backward  three more sweeps of the same kernel in one launch (dq forward in time, dk and dv
-//           in reverse, each recomputing the states it needs), then the GQA group sums of dk and
-//           dv and the log-decay gradient dg_t = Σ_{t'≥t} (q·dq − k·dk) + ⟨dS_T, S_T⟩ (one
-//           reverse scan per head). Optional final-state gradient in, initial-state gradient out.
+// forward   the chunked form (chunks of 64 tokens) in two passes (gated_linear/cuda/sweep.cuh):
+//           a light sequential pass per head that only carries the state from chunk to chunk
+//           and stores the state entering every chunk (bf16) in the workspace, then a parallel
+//           pass over all (chunk, head, value block) for the outputs; optional initial and
+//           final state.
+// backward  three more sweeps (dq forward in time, dk and dv in reverse): one state pass for the
+//           two chains they need (S, forward, and dS, reverse; dq and dk read them transposed)
+//           and one output pass for all three; then the GQA group sums of dk and dv and the
+//           log-decay gradient dg_t = Σ_{t'≥t} (q·dq − k·dk) + ⟨dS_T, S_T⟩ (one reverse scan per
+//           head). Optional final-state gradient in, initial-state gradient out.
 // decode    the recurrent form in fp32, state [B, H, D, D] advanced in place (gated_linear/cuda/
 //           decode.cuh).
 //
-// When batch × heads is too small to fill the GPU, forward and backward split the sequence
-// into segments (a first pass for each segment's own state, an fp32 combine, then the sweeps
-// from each segment's initial state); the split depends on the sizes only. Scratch for the
-// segments' states and for the backward's partial sums comes from the caller:
-// forward_workspace_bytes() and backward_workspace_bytes().
+// Scratch comes from the caller: forward_workspace_bytes() (the chunk states, B·H·⌈T/64⌉·W²
+// bf16 with W the padded width) and backward_workspace_bytes() (two chains' chunk states and
+// the backward's partial sums).
 //
 // Layouts and parameters: gated_linear/cuda/params.cuh. Every d_head from 1 to 128 works: the
 // kernels are instantiated for widths 16, 32, 64 and 128 and zero-fill up to the width; inputs
@@ -61,7 +62,7 @@ inline void check_sizes(const char* fn, int batch, int length, int n_heads, int 
           ", expected ≥ 1 and a divisor of n_heads = ", n_heads);
   require(d_head >= 1 && d_head <= max_d_head, fn, ": d_head = ", d_head, ", expected 1 … ", max_d_head);
   require(std::isfinite(scale), fn, ": scale = ", scale, ", expected a finite number");
-  // Grid z is batch × sweeps × segments; segments > 1 only while that is below target_blocks.
+  // Grid z of both passes is batch × sweeps.
   require(std::int64_t(batch) * max_sweeps <= 65535, fn, ": batch = ", batch, ", expected ≤ ", 65535 / max_sweeps);
 }
 
@@ -94,16 +95,17 @@ inline InputStrides check_inputs(const char* fn, const Inputs& p) {
           token_stride(fn, "v_stride", p.v_stride, p.n_kv_heads, p.d_head)};
 }
 
-inline std::size_t aligned_bytes(std::size_t floats) { return (floats * sizeof(float) + 255) / 256 * 256; }
+inline std::size_t aligned_bytes(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Carves fp32 arrays front to back from a workspace (256-byte aligned, as counted by
-// aligned_bytes); a count of 0 gives null.
+// Carves arrays front to back from a workspace (256-byte aligned, as counted by aligned_bytes);
+// a count of 0 gives null.
 class Carver {
  public:
   explicit Carver(void* workspace) : cursor_(static_cast<char*>(workspace)) {}
-  float* take(std::size_t floats) {
-    float* out = floats ? reinterpret_cast<float*>(cursor_) : nullptr;
-    cursor_ += aligned_bytes(floats);
+  template <class T>
+  T* take(std::size_t count) {
+    T* out = count ? reinterpret_cast<T*>(cursor_) : nullptr;
+    cursor_ += aligned_bytes(count * sizeof(T));
     return out;
   }
 
@@ -111,35 +113,13 @@ class Carver {
   char* cursor_;
 };
 
-// How a launch of n_sweeps sweeps is split into segments, and the scratch the split needs per
-// sweep (segment states [B, H, P, D, D] and log decays [B, H, P]).
-struct SweepPlan {
-  Segmentation split;
-  int partials = 0;  // dot partials per token of the default shape
-  std::size_t state_floats = 0, decay_floats = 0;
-
-  std::size_t bytes_per_sweep() const { return aligned_bytes(state_floats) + aligned_bytes(decay_floats); }
-};
-
-inline SweepPlan sweep_plan(const Inputs& p, int n_sweeps) {
-  SweepPlan plan;
-  with_width(p.d_head, [&](auto width) {
-    using Shape = DefaultShape<decltype(width)::value>;
-    plan.split = segmentation(Shape::v_blocks * p.n_heads * p.batch * n_sweeps, p.length, Shape::C);
-    plan.partials = Shape::partials;
-  });
-  if (plan.split.segments > 1) {
-    const std::size_t heads = std::size_t(p.batch) * std::size_t(p.n_heads) * std::size_t(plan.split.segments);
-    plan.state_floats = heads * std::size_t(p.d_head) * std::size_t(p.d_head);
-    plan.decay_floats = heads;
-  }
-  return plan;
+inline int padded_width(int d_head) {
+  return with_width(d_head, [](auto width) { return int(decltype(width)::value); });
 }
 
-inline void set_segments(SweepBatch& batch, Sweep& s, const SweepPlan& plan, Carver& carver) {
-  batch.segments = plan.split.segments, batch.segment_chunks = plan.split.segment_chunks;
-  s.segment_states = carver.take(plan.state_floats);
-  s.segment_decays = carver.take(plan.decay_floats);
+// Elements of one sweep's chunk states.
+inline std::size_t chunk_state_elements(const Inputs& p) {
+  return chunk_state_bytes(p.batch, p.n_heads, p.length, padded_width(p.d_head)) / sizeof(bfloat16);
 }
 
 inline SweepBatch sweep_batch(const Inputs& p, const InputStrides& strides) {
@@ -152,28 +132,32 @@ inline SweepBatch sweep_batch(const Inputs& p, const InputStrides& strides) {
   return batch;
 }
 
-inline void launch(const SweepBatch& batch, cudaStream_t stream) {
-  with_width(batch.d_head, [&](auto width) { launch_sweeps<DefaultShape<decltype(width)::value>>(batch, stream); });
+inline void launch(const SweepBatch& chains, const SweepBatch& batch, cudaStream_t stream) {
+  with_width(batch.d_head, [&](auto width) { launch_sweeps<decltype(width)::value>(chains, batch, stream); });
 }
 
-// The backward's scratch beyond the sweeps' segments.
+inline constexpr int backward_chains = 2;
+
+// The backward's scratch: each chain's chunk states, then the partial sums.
 struct BackwardScratch {
-  SweepPlan plan;
+  std::size_t state_elements = 0;      // bf16, per chain
+  int partials = 0;                    // dot partials per token
   std::size_t dot_floats = 0;          // each of q·dq and k·dk partials: [B, H, partials, T]
   std::size_t final_state_floats = 0;  // the forward's final state, when d_final_state is given
   std::size_t head_grad_floats = 0;    // each of dk and dv per query head, when n_kv_heads < n_heads
 
   std::size_t bytes() const {
-    return max_sweeps * plan.bytes_per_sweep() + 2 * aligned_bytes(dot_floats) + aligned_bytes(final_state_floats) +
-           2 * aligned_bytes(head_grad_floats);
+    return backward_chains * aligned_bytes(state_elements * sizeof(bfloat16)) + 2 * aligned_bytes(dot_floats * 4) +
+           aligned_bytes(final_state_floats * 4) + 2 * aligned_bytes(head_grad_floats * 4);
   }
 };
 
 inline BackwardScratch backward_scratch(const BackwardParams& p) {
   BackwardScratch s;
-  s.plan = sweep_plan(p, max_sweeps);
+  s.state_elements = chunk_state_elements(p);
+  s.partials = with_width(p.d_head, [](auto width) { return DefaultShape<decltype(width)::value>::partials; });
   const std::size_t heads = std::size_t(p.batch) * std::size_t(p.n_heads);
-  s.dot_floats = heads * std::size_t(s.plan.partials) * std::size_t(p.length);
+  s.dot_floats = heads * std::size_t(s.partials) * std::size_t(p.length);
   if (p.d_final_state) s.final_state_floats = heads * std::size_t(p.d_head) * std::size_t(p.d_head);
   if (p.n_kv_heads != p.n_heads) s.head_grad_floats = heads * std::size_t(p.length) * std::size_t(p.d_head);
   return s;
@@ -187,18 +171,17 @@ inline void check_workspace(const char* fn, void* workspace, std::size_t given, 
 
 }  // namespace detail
 
-// Bytes of scratch forward() needs for these sizes (0 when the sequence is not split).
+// Bytes of scratch forward() needs for these sizes: the state entering every chunk.
 inline std::size_t forward_workspace_bytes(const ForwardParams& p) {
   detail::check_sizes("gla::forward_workspace_bytes", p.batch, p.length, p.n_heads, p.n_kv_heads, p.d_head, p.scale);
-  return detail::sweep_plan(p, 1).bytes_per_sweep();
+  return detail::aligned_bytes(detail::chunk_state_elements(p) * sizeof(bfloat16));
 }
 
 inline void forward(const ForwardParams& p, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
   constexpr const char* fn = "gla::forward";
   const detail::InputStrides strides = detail::check_inputs(fn, p);
   require(p.o != nullptr, fn, ": o is null");
-  const detail::SweepPlan plan = detail::sweep_plan(p, 1);
-  detail::check_workspace(fn, workspace, workspace_bytes, plan.bytes_per_sweep());
+  detail::check_workspace(fn, workspace, workspace_bytes, forward_workspace_bytes(p));
 
   detail::SweepBatch batch = detail::sweep_batch(p, strides);
   batch.vector_io = batch.vector_io && detail::aligned16(p.o);
@@ -210,10 +193,9 @@ inline void forward(const ForwardParams& p, void* workspace, std::size_t workspa
   s.out = p.o, s.out_stride = std::int64_t(p.n_heads) * p.d_head;
   s.state_in = p.initial_state;
   s.state_out = p.final_state;
+  s.chunk_states = static_cast<bfloat16*>(workspace);
   batch.n_sweeps = 1;
-  detail::Carver carver(workspace);
-  detail::set_segments(batch, s, plan, carver);
-  detail::launch(batch, stream);
+  detail::launch(batch, batch, stream);
 }
 
 // Bytes of scratch backward() needs for these sizes (and whether d_final_state is given).
@@ -246,32 +228,45 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
   detail::SweepBatch batch = detail::sweep_batch(p, strides);
   batch.vector_io = batch.vector_io && detail::aligned16(p.d_o) && detail::vector_ready(p.dq, dq_stride) &&
                     detail::vector_ready(p.dk, dk_stride) && detail::vector_ready(p.dv, dv_stride);
-  batch.n_sweeps = 3;
   detail::Carver carver(workspace);
-  for (detail::Sweep& s : batch.sweep) detail::set_segments(batch, s, scratch.plan, carver);
-  float* const q_dot = carver.take(scratch.dot_floats);
-  float* const k_dot = carver.take(scratch.dot_floats);
-  float* const final_state = carver.take(scratch.final_state_floats);
-  float* const dk_heads = carver.take(scratch.head_grad_floats);
-  float* const dv_heads = carver.take(scratch.head_grad_floats);
+  bfloat16* const s_states = carver.take<bfloat16>(scratch.state_elements);
+  bfloat16* const ds_states = carver.take<bfloat16>(scratch.state_elements);
+  float* const q_dot = carver.take<float>(scratch.dot_floats);
+  float* const k_dot = carver.take<float>(scratch.dot_floats);
+  float* const final_state = carver.take<float>(scratch.final_state_floats);
+  float* const dk_heads = carver.take<float>(scratch.head_grad_floats);
+  float* const dv_heads = carver.take<float>(scratch.head_grad_floats);
 
+  // The chains: S (the forward's state, whose final value dg needs) and dS.
+  detail::SweepBatch chains = batch;
+  chains.n_sweeps = detail::backward_chains;
+  detail::Sweep& s = chains.sweep[0];
+  s.y = k, s.z = v;
+  s.state_in = p.initial_state, s.state_out = final_state;
+  s.chunk_states = s_states;
+  detail::Sweep& ds = chains.sweep[1];
+  ds.y = q, ds.z = d_o, ds.reverse = true;
+  ds.state_in = p.d_final_state, ds.state_out = p.d_initial_state;
+  ds.chunk_states = ds_states;
+
+  batch.n_sweeps = 3;
   detail::Sweep& dq = batch.sweep[0];
   dq.x = d_o, dq.y = v, dq.z = k;
   dq.out = p.dq, dq.out_stride = dq_stride;
   dq.dot = q, dq.dot_partials = q_dot;
-  dq.state_in = p.initial_state, dq.state_out = final_state, dq.state_transposed = true;
+  dq.chunk_states = s_states, dq.chunk_states_transposed = true;  // R = Sᵀ
   detail::Sweep& dk = batch.sweep[1];
   dk.x = v, dk.y = d_o, dk.z = q, dk.reverse = true;
   if (group == 1) dk.out = p.dk, dk.out_stride = dk_stride;
   else dk.out_f32 = dk_heads, dk.out_stride = dense;
   dk.dot = k, dk.dot_partials = k_dot;
-  dk.state_in = p.d_final_state, dk.state_transposed = true;
+  dk.chunk_states = ds_states, dk.chunk_states_transposed = true;  // R = dSᵀ
   detail::Sweep& dv = batch.sweep[2];
   dv.x = k, dv.y = q, dv.z = d_o, dv.reverse = true;
   if (group == 1) dv.out = p.dv, dv.out_stride = dv_stride;
   else dv.out_f32 = dv_heads, dv.out_stride = dense;
-  dv.state_in = p.d_final_state, dv.state_out = p.d_initial_state;
-  detail::launch(batch, stream);
+  dv.chunk_states = ds_states;  // R = dS
+  detail::launch(chains, batch, stream);
 
   if (group > 1) {
     const std::int64_t tokens = std::int64_t(p.batch) * p.length;
@@ -284,7 +279,7 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
   }
 
   detail::GateGradient gate;
-  gate.q_dot = q_dot, gate.k_dot = k_dot, gate.partials = scratch.plan.partials;
+  gate.q_dot = q_dot, gate.k_dot = k_dot, gate.partials = scratch.partials;
   gate.final_state = final_state, gate.d_final_state = p.d_final_state;
   gate.dg = p.dg;
   gate.batch = p.batch, gate.length = p.length, gate.n_heads = H, gate.d_head = p.d_head;

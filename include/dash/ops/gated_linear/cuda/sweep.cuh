@@ -1,4 +1,4 @@
-// The chunked sweep: one kernel for GatedLinear's forward and for each of its three gradients.
+// The chunked sweep: GatedLinear's forward and each of its three gradients, in two passes.
 //
 // A sweep runs a gated linear recurrence over chunks of C tokens with three input roles x, y, z
 // (rows of [B, T, heads, D] tensors), a state R [D, D] (fp32) and the per-head log decays g.
@@ -8,34 +8,35 @@
 //   reverse:  out_j = scale·Σ_{i≥j} e^{b_i−b_j} (x_j·y_i) z_i + e^{b_C−b_j} R_endᵀ x_j
 //             R_0   = e^{b_C} R_end + scale·Σ_i e^{b_i} y_i z_iᵀ             (last chunk first)
 // With (x, y, z) = (q, k, v), the forward sweep is the layer's output (R = S). The chunked
-// backward of eigen.hpp is three more sweeps of the same kernel:
+// backward of eigen.hpp is three more sweeps:
 //   dq: forward, (x, y, z) = (d_o, v, k),  R = Sᵀ    (dq_i = scale·S_i d_o_i)
 //   dk: reverse, (x, y, z) = (v, d_o, q),  R = dSᵀ   (dk_j = dS_j v_j)
 //   dv: reverse, (x, y, z) = (k, q, d_o),  R = dS    (dv_j = dS_jᵀ k_j)
-// so one launch runs the three backward sweeps side by side.
+// Their states are transposes of two chains only, the forward's S and dv's dS, so the backward
+// runs the state pass for those two and the output pass for all three, dq and dk reading the
+// chunk states transposed.
 //
 // Every exponent is a difference of prefix sums taken in the order that makes it ≤ 0 (b is
 // non-increasing because g ≤ 0), so nothing overflows however strong the decay.
 //
-// A thread block owns one (batch, head, sweep, segment) and BV of the D value columns of out
-// and R; it keeps its [DK, BV] slice of R in fp32 registers (mma accumulators) across its
-// chunks, so chunk states never leave the chip. Per chunk: (1) with one pass over X's
-// fragments, the scores A = (X Yᵀ ⊙ decay)·scale [C, C] (into shared memory; tiles on the
-// masked side of the diagonal skipped) and the state term f ⊙ (X R), R read as a bf16 copy in
-// shared memory; (2) out = A Z + f ⊙ (X R); (3) R = e^{b_C} R + Yᵀ diag(w) Z, the weights
-// applied to the Yᵀ fragments in registers. The next chunk's x, y, z load by cp.async, and its
-// decay factors are computed from log decays prefetched into registers, meanwhile.
-// Tensor-core operands are bf16 (scores, R's copy, the weighted y); accumulation and R are fp32.
+// State pass (sequential in chunks, light): a thread block owns a [BK, BV] tile of R in fp32
+// registers (mma accumulators) and walks the chunks in the sweep's direction; per chunk it
+// stores R as entering the chunk (bf16, what the output pass multiplies with) to the chunk
+// states in the workspace, then R = e^{b_C} R + Yᵀ diag(w) Z, the weights applied to the Yᵀ
+// fragments in registers. y, z and the log decays stream in by cp.async `stages` − 1 chunks
+// ahead, and every warp derives the chunk's weights itself from the landed log decays, so the
+// chain's steps issue no global load of their own and meet at one barrier each.
 //
-// Segments. When (batch × heads × value blocks × sweeps) blocks cannot fill the GPU, the
-// chunks are split into P contiguous segments run by separate blocks. A first pass of the same
-// kernel (states_only) computes each segment's own contribution L_p to the state from zero and
-// its summed log decay G_p; combine_segments_kernel then forms each segment's initial state in
-// fp32, in the sweep's direction: R_in[next] = e^{G_p} R_in[p] + L_p; the main pass starts
-// each segment from it.
+// Output pass (parallel over chunks, heavy): a thread block owns one chunk and BV value columns
+// of one head: (1) with one pass over X's fragments, the scores A = (X Yᵀ ⊙ decay)·scale [C, C]
+// (into shared memory; tiles on the masked side of the diagonal skipped) and the state term
+// f ⊙ (X R) with the chunk's state from the state pass; (2) out = A Z + f ⊙ (X R). z loads in
+// a second cp.async group that (1) does not wait for; bf16 outputs leave through shared memory
+// as whole 16-byte units.
+// Tensor-core operands are bf16 (scores, R's copy, the weighted y); accumulation and R are fp32.
 #pragma once
 
-#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 #include "dash/core/cuda.hpp"
@@ -62,14 +63,17 @@ struct Sweep {
   std::int64_t out_stride = 0;    // elements from one token of out to the next (≥ H·D)
   Operand dot;                    // when set: Σ_d out_{t,d}·dot_{t,d} over each warp's columns ...
   float* dot_partials = nullptr;  // ... into [B, H, partials, T]
-  const float* state_in = nullptr;  // [B, H, D, D] or null (zero)
-  float* state_out = nullptr;       // [B, H, D, D] or null
+  const float* state_in = nullptr;  // state pass: [B, H, D, D] or null (zero)
+  float* state_out = nullptr;       // state pass: [B, H, D, D] or null
   bool state_transposed = false;    // R is the transpose of the [D, D] matrices of state_in/out
-  float* segment_states = nullptr;  // [B, H, segments, D, D] in R's layout, when segments > 1
-  float* segment_decays = nullptr;  // [B, H, segments]: G_p
+  bfloat16* chunk_states = nullptr;  // [B, H, chunks, W, W]: R entering each chunk in the sweep's
+                                     // direction, W the padded width (zero beyond D); written by
+                                     // the state pass, read by the output pass
+  bool chunk_states_transposed = false;  // output pass: chunk_states hold Rᵀ (another sweep's R)
 };
 
 inline constexpr int max_sweeps = 3;
+inline constexpr int chunk_tokens = 64;  // C, every width
 
 struct SweepBatch {
   Sweep sweep[max_sweeps];
@@ -77,27 +81,44 @@ struct SweepBatch {
   const float* g = nullptr;  // [B, T, H]
   int batch = 0, length = 0, n_heads = 0, d_head = 0;
   float scale = 0;
-  bool vector_io = false;    // d_head and every stride % 8 == 0, every bf16 pointer 16-byte aligned
-  int segments = 1;          // P
-  int segment_chunks = 0;    // chunks per segment (the last may have fewer)
-  bool states_only = false;  // the first pass of a segmented sweep
+  bool vector_io = false;  // d_head and every stride % 8 == 0, every bf16 pointer 16-byte aligned
 };
 
-// Tile shapes of one instantiation: DK the padded head width, BV the value columns per block,
+__host__ __device__ inline std::int64_t chunk_count(int length) { return (length + chunk_tokens - 1) / chunk_tokens; }
+
+// Bytes of one sweep's chunk states for padded width W.
+inline std::size_t chunk_state_bytes(int batch, int n_heads, int length, int width) {
+  return std::size_t(batch) * std::size_t(n_heads) * std::size_t(chunk_count(length)) * std::size_t(width) *
+         std::size_t(width) * sizeof(bfloat16);
+}
+
+// Tile shapes of the state pass for padded width W: a block owns R's rows [k0, k0 + BK) and
+// columns [v0, v0 + BV), one warp per 16 rows; `stages` chunks of y, z and g in flight;
+// registers capped for min_blocks resident blocks per SM.
+template <int W_, int BK_, int BV_, int Stages_, int MinBlocks_>
+struct StateShape {
+  static constexpr int W = W_, BK = BK_, BV = BV_, C = chunk_tokens, stages = Stages_;
+  static constexpr int min_blocks = MinBlocks_;
+  static constexpr int warps = BK / 16, threads = 32 * warps, tn = BV / 8;
+  static constexpr int tiles = (W / BK) * (W / BV);  // blocks per head and sweep
+  static constexpr int y_bytes = C * BK * 2, z_bytes = C * BV * 2, g_bytes = C * 4;
+  static constexpr int stage_bytes = y_bytes + z_bytes + g_bytes;
+  static constexpr int decay_offset = stages * stage_bytes;
+  static constexpr int decay_floats = 2 * C + C / 2 + 2;  // as chunk_decays writes them, per warp
+  static constexpr int smem_bytes = decay_offset + warps * decay_floats * 4;
+  static_assert(W % BK == 0 && W % BV == 0 && BK % 16 == 0 && tn % 2 == 0 && stages >= 2);
+};
+
+// Tile shapes of the output pass: DK the padded head width, BV the value columns per block,
 // C the chunk, Warps per block.
-template <int DK_, int BV_, int C_, int Warps_>
-struct SweepShape {
-  static constexpr int DK = DK_, BV = BV_, C = C_, warps = Warps_, threads = 32 * warps;
+template <int DK_, int BV_, int Warps_>
+struct ChunkShape {
+  static constexpr int DK = DK_, BV = BV_, C = chunk_tokens, warps = Warps_, threads = 32 * warps;
   // Scores and output: warps tile the chunk's rows by 16 and split the columns.
   static constexpr int row_blocks = C / 16;
   static constexpr int col_splits = warps / row_blocks;
   static constexpr int score_cols = C / col_splits;  // keys per warp in (1)
   static constexpr int out_cols = BV / col_splits;   // value columns per warp in (2)
-  // State: warps tile R [DK, BV] in (state_warps_m × state_warps_n), each tm × tn mma tiles.
-  static constexpr int state_warps_m = DK / 16 < warps / 2 ? DK / 16 : warps / 2;
-  static constexpr int state_warps_n = warps / state_warps_m;
-  static constexpr int tm = DK / 16 / state_warps_m;
-  static constexpr int tn = BV / 8 < state_warps_n ? 1 : BV / 8 / state_warps_n;
   static constexpr int v_blocks = DK / BV;
   static constexpr int partials = v_blocks * col_splits;  // dot partials per token
 
@@ -105,34 +126,35 @@ struct SweepShape {
   static_assert(row_blocks <= warps && warps % row_blocks == 0);
   static_assert(score_cols % 8 == 0 && (score_cols / 8 == 1 || score_cols / 8 % 2 == 0));
   static_assert(out_cols % 8 == 0 && (out_cols / 8 == 1 || out_cols / 8 % 2 == 0));
-  static_assert((DK / 16) % state_warps_m == 0 && (tn == 1 || tn % 2 == 0));
 
-  // Shared memory, in bytes: two stages of (x [C, DK], y [C, DK], z [C, BV]), then R's bf16
-  // copy [DK, BV], the scores [C, C] and two buffers of decay factors (b·log2(e) [C], f [C],
-  // w as bf16 pairs [C/2], e^{b_C}, b_C).
+  // Shared memory, in bytes: x [C, DK], y [C, DK], z [C, BV], R's bf16 tile [DK, BV], the
+  // scores [C, C] and the decay factors (b·log2(e) [C], f [C], w as bf16 pairs [C/2], e^{b_C}, b_C).
   static constexpr int x_bytes = C * DK * 2, y_bytes = C * DK * 2, z_bytes = C * BV * 2;
-  static constexpr int stage_bytes = x_bytes + y_bytes + z_bytes;
-  static constexpr int r_offset = 2 * stage_bytes;
+  static constexpr int r_offset = x_bytes + y_bytes + z_bytes;
   static constexpr int a_offset = r_offset + DK * BV * 2;
   static constexpr int decay_offset = a_offset + C * C * 2;
   static constexpr int decay_floats = 2 * C + C / 2 + 2;
-  static constexpr int smem_bytes = decay_offset + 2 * decay_floats * 4;
-  static constexpr int min_blocks = threads <= 256 && smem_bytes <= 113 * 1024 ? 2 : 1;
+  static constexpr int smem_bytes = decay_offset + decay_floats * 4;
+  static constexpr int min_blocks = 227 * 1024 / (smem_bytes + 1024) < 4 ? 227 * 1024 / (smem_bytes + 1024) : 4;
 };
 
-// The default shape per padded width (16, 32, 64, 128). 128 and 64 were chosen by measurement
-// on H200 (B4 H16 T8192 D128 and B16 H9 T2048 D64, against other value blocks, 4 and 16 warps
-// and chunks of 32 and 128); 16 and 32 take the same form.
+// The shapes per padded width (16, 32, 64, 128). For width 128, measured on H200 (B4 H16 T8192
+// D128): value blocks of 128 beat 64 in the output pass and four state-pass stages beat three;
+// chunks of 128 tokens (fewer chunk states, more intra-chunk work) and whole-width state tiles
+// (fewer blocks) were slower.
 template <int Width>
 struct DefaultShape;
 template <>
-struct DefaultShape<16> : SweepShape<16, 16, 64, 8> {};
+struct DefaultShape<16> : ChunkShape<16, 16, 8> {};
 template <>
-struct DefaultShape<32> : SweepShape<32, 32, 64, 8> {};
+struct DefaultShape<32> : ChunkShape<32, 32, 8> {};
 template <>
-struct DefaultShape<64> : SweepShape<64, 64, 64, 8> {};
+struct DefaultShape<64> : ChunkShape<64, 64, 8> {};
 template <>
-struct DefaultShape<128> : SweepShape<128, 64, 64, 8> {};
+struct DefaultShape<128> : ChunkShape<128, 128, 8> {};
+
+template <int Width>
+using DefaultStateShape = StateShape<Width, (Width < 64 ? Width : 64), (Width < 64 ? Width : 64), 4, 3>;
 
 // Row t of one head of an operand, at base + t·stride.
 template <class T>
@@ -232,392 +254,370 @@ __device__ void chunk_decays(const float (&g)[C / 32], bool reverse, float scale
 }
 
 template <class Shape>
-__global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) sweep_kernel(const __grid_constant__ SweepBatch p) {
-  constexpr int DK = Shape::DK, BV = Shape::BV, C = Shape::C, threads = Shape::threads;
-  constexpr int x_row = DK * 2, z_row = BV * 2, a_row = C * 2;
+__global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) state_pass_kernel(const __grid_constant__ SweepBatch p) {
+  constexpr int W = Shape::W, BK = Shape::BK, BV = Shape::BV, C = Shape::C, stages = Shape::stages;
+  constexpr int y_row = BK * 2, z_row = BV * 2;
   extern __shared__ __align__(128) char smem[];
 
-  const int v_block = blockIdx.x, h = blockIdx.y;
-  const int segment = blockIdx.z % p.segments, sweep_index = blockIdx.z / p.segments % p.n_sweeps;
-  const int b = blockIdx.z / p.segments / p.n_sweeps;
-  const Sweep& s = p.sweep[sweep_index];
+  const int k0 = blockIdx.x / (W / BV) * BK, v0 = blockIdx.x % (W / BV) * BV;
+  const int h = blockIdx.y, b = blockIdx.z / p.n_sweeps;
+  const Sweep& s = p.sweep[blockIdx.z % p.n_sweeps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
   const int T = p.length, D = p.d_head, H = p.n_heads;
-  const bool reverse = s.reverse, states_only = p.states_only;
-  const bool last_segment = segment == (reverse ? 0 : p.segments - 1);  // in the sweep's direction
-  if (states_only && last_segment) return;  // its contribution feeds no later segment
-  const int n_chunks = (T + C - 1) / C;
-  const int chunk_begin = segment * p.segment_chunks;
-  const int chunk_end = min(chunk_begin + p.segment_chunks, n_chunks);
-  const int steps = chunk_end - chunk_begin;
+  const bool reverse = s.reverse;
+  const int n_chunks = int(chunk_count(T));
   const std::int64_t head = std::int64_t(b) * H + h;
+  float* const decay = reinterpret_cast<float*>(smem + Shape::decay_offset) + warp * Shape::decay_floats;
+  const std::uint32_t* const decay_w = reinterpret_cast<const std::uint32_t*>(decay + 2 * C);
+  const Rows<const bfloat16> y_rows = rows_of(p, s.y, b, h), z_rows = rows_of(p, s.z, b, h);
+  const float* const g_head = p.g + std::int64_t(b) * T * H + h;
 
-  char* const r_tile = smem + Shape::r_offset;
-  char* const a_tile = smem + Shape::a_offset;
-  float* const decay_buffers = reinterpret_cast<float*>(smem + Shape::decay_offset);
-  const std::uint32_t r_base = ptx::shared_address(r_tile), a_base = ptx::shared_address(a_tile);
-
-  const Rows<const bfloat16> x_rows = rows_of(p, s.x, b, h), y_rows = rows_of(p, s.y, b, h),
-                             z_rows = rows_of(p, s.z, b, h);
-  const Rows<const float> g_rows{p.g + std::int64_t(b) * T * H + h, H};
-
-  // This warp's tiles of R [DK, BV]: rows (wm·tm + i)·16, columns (wn·tn + j)·8.
-  const int wm = warp % Shape::state_warps_m, wn = warp / Shape::state_warps_m;
-  const bool state_warp = wn * Shape::tn < BV / 8;
-  // The initial state: the segment's from the combine pass, else the sweep's own (or zero).
-  const bool from_segment = p.segments > 1 && !states_only;
-  const float* const initial = from_segment ? s.segment_states + (head * p.segments + segment) * D * D
-                               : states_only ? nullptr
-                                             : s.state_in ? s.state_in + head * D * D
-                                                          : nullptr;
-  const bool initial_transposed = !from_segment && s.state_transposed;
-  float R[Shape::tm][Shape::tn][4];
+  // This warp's rows of R: k0 + 16·warp + gq (+ 8); columns v0 + 8j + 2tq (+ 1).
+  const int row0 = k0 + 16 * warp + gq;
+  float R[Shape::tn][4];
+  const float* const initial = s.state_in ? s.state_in + head * D * D : nullptr;
 #pragma unroll
-  for (int i = 0; i < Shape::tm; ++i)
+  for (int j = 0; j < Shape::tn; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = row0 + (e >> 1) * 8, col = v0 + 8 * j + 2 * tq + (e & 1);
+      R[j][e] = initial && row < D && col < D ? initial[s.state_transposed ? col * D + row : row * D + col] : 0.f;
+    }
+
+  const auto chunk_at = [&](int step) { return reverse ? n_chunks - 1 - step : step; };
+  const auto load_chunk = [&](int step) {
+    char* const stage = smem + step % stages * Shape::stage_bytes;
+    const int t0 = chunk_at(step) * C;
+    load_tile<BK, C, Shape::threads>(p, y_rows, t0, k0, stage);
+    load_tile<BV, C, Shape::threads>(p, z_rows, t0, v0, stage + Shape::y_bytes);
+    // Log decays, zero past the sequence (padding tokens do not decay).
+    for (int i = threadIdx.x; i < C; i += Shape::threads) {
+      const int t = t0 + i;
+      ptx::cp_async_4_or_zero(ptx::shared_address(stage + Shape::y_bytes + Shape::z_bytes + 4 * i),
+                              g_head + std::int64_t(t < T ? t : 0) * H, t < T);
+    }
+  };
+#pragma unroll
+  for (int step = 0; step + 1 < stages; ++step) {
+    if (step < n_chunks) load_chunk(step);
+    ptx::cp_async_commit();
+  }
+
+  bfloat16* const states = s.chunk_states + head * n_chunks * W * W;
+  for (int step = 0; step < n_chunks; ++step) {
+    ptx::cp_async_wait<stages - 2>();
+    __syncthreads();
+    // The stage of step − 1 has been read by every warp: refill it stages − 1 chunks ahead.
+    if (step + stages - 1 < n_chunks) load_chunk(step + stages - 1);
+    ptx::cp_async_commit();
+    const char* const stage = smem + step % stages * Shape::stage_bytes;
+    const std::uint32_t y_base = ptx::shared_address(stage);
+    const std::uint32_t z_base = y_base + Shape::y_bytes;
+    {
+      // This chunk's weights w and e^{b_C}, into the warp's own buffer.
+      const float* const g_stage = reinterpret_cast<const float*>(stage + Shape::y_bytes + Shape::z_bytes);
+      float g[C / 32];
+#pragma unroll
+      for (int e = 0; e < C / 32; ++e) g[e] = g_stage[lane * (C / 32) + e];
+      chunk_decays<C>(g, reverse, p.scale, decay);
+      __syncwarp();
+    }
+    const float total = decay[2 * C + C / 2];
+
+    // R entering this chunk, as the output pass reads it.
+    bfloat16* const entering = states + std::int64_t(chunk_at(step)) * W * W;
+#pragma unroll
+    for (int j = 0; j < Shape::tn; ++j) {
+      const int col = v0 + 8 * j + 2 * tq;
+      *reinterpret_cast<std::uint32_t*>(entering + row0 * W + col) = ptx::pack_bf16x2(R[j][0], R[j][1]);
+      *reinterpret_cast<std::uint32_t*>(entering + (row0 + 8) * W + col) = ptx::pack_bf16x2(R[j][2], R[j][3]);
+    }
+
+    // R = e^{b_C} R + Yᵀ diag(w) Z.
+#pragma unroll
+    for (int j = 0; j < Shape::tn; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) R[j][e] *= total;
+#pragma unroll
+    for (int kk = 0; kk < C / 16; ++kk) {
+      const std::uint32_t w01 = decay_w[8 * kk + tq], w89 = decay_w[8 * kk + tq + 4];
+      std::uint32_t a[4];
+      ptx::ldmatrix_x4_trans(a, y_base + swizzled_row_offset<y_row>(16 * kk + (lane & 7) + ((lane >> 4) << 3),
+                                                                    2 * warp + ((lane >> 3) & 1)));
+      a[0] = ptx::mul_bf16x2(a[0], w01);
+      a[1] = ptx::mul_bf16x2(a[1], w01);
+      a[2] = ptx::mul_bf16x2(a[2], w89);
+      a[3] = ptx::mul_bf16x2(a[3], w89);
+#pragma unroll
+      for (int j = 0; j < Shape::tn; j += 2) {
+        std::uint32_t bf[4];
+        ptx::ldmatrix_x4_trans(bf, z_base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                                       j + (lane >> 4)));
+        ptx::mma_m16n8k16_bf16(R[j], a, bf[0], bf[1]);
+        ptx::mma_m16n8k16_bf16(R[j + 1], a, bf[2], bf[3]);
+      }
+    }
+  }
+
+  if (s.state_out) {
+    float* const final_state = s.state_out + head * D * D;
 #pragma unroll
     for (int j = 0; j < Shape::tn; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int row = (wm * Shape::tm + i) * 16 + gq + (e >> 1) * 8;
-        const int col = v_block * BV + (wn * Shape::tn + j) * 8 + 2 * tq + (e & 1);
-        const bool inside = state_warp && initial && row < D && col < D;
-        R[i][j][e] = inside ? initial[initial_transposed ? col * D + row : row * D + col] : 0.f;
+        const int row = row0 + (e >> 1) * 8, col = v0 + 8 * j + 2 * tq + (e & 1);
+        if (row < D && col < D) final_state[s.state_transposed ? col * D + row : row * D + col] = R[j][e];
       }
-  const auto store_r_tile = [&] {
-    if (!state_warp) return;
-#pragma unroll
-    for (int i = 0; i < Shape::tm; ++i)
-#pragma unroll
-      for (int j = 0; j < Shape::tn; ++j) {
-        const int row = (wm * Shape::tm + i) * 16 + gq, col = (wn * Shape::tn + j) * 8 + 2 * tq;
-        *reinterpret_cast<std::uint32_t*>(r_tile + swizzled_element_offset<z_row>(row, col)) =
-            ptx::pack_bf16x2(R[i][j][0], R[i][j][1]);
-        *reinterpret_cast<std::uint32_t*>(r_tile + swizzled_element_offset<z_row>(row + 8, col)) =
-            ptx::pack_bf16x2(R[i][j][2], R[i][j][3]);
-      }
-  };
-
-  const auto chunk_at = [&](int step) { return reverse ? chunk_end - 1 - step : chunk_begin + step; };
-  const auto load_chunk = [&](int chunk, char* stage) {
-    const int t0 = chunk * C;
-    if (!states_only) load_tile<DK, C, threads>(p, x_rows, t0, 0, stage);
-    load_tile<DK, C, threads>(p, y_rows, t0, 0, stage + Shape::x_bytes);
-    load_tile<BV, C, threads>(p, z_rows, t0, v_block * BV, stage + Shape::x_bytes + Shape::y_bytes);
-  };
-  load_chunk(chunk_at(0), smem);
-  ptx::cp_async_commit();
-  if (!states_only) store_r_tile();
-  // Warp 0 computes each chunk's decay factors one chunk ahead, into the buffer of that chunk's
-  // parity, from log decays it prefetched into registers one chunk before that.
-  float g_next[C / 32];
-  if (warp == 0) {
-    load_log_decays<C>(g_rows, chunk_at(0) * C, T, g_next);
-    chunk_decays<C>(g_next, reverse, p.scale, decay_buffers);
-    if (steps > 1) load_log_decays<C>(g_rows, chunk_at(1) * C, T, g_next);
   }
-  float segment_log_decay = 0.f;
+}
+
+template <class Shape>
+__global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) chunk_pass_kernel(const __grid_constant__ SweepBatch p) {
+  constexpr int DK = Shape::DK, BV = Shape::BV, C = Shape::C, threads = Shape::threads;
+  constexpr int x_row = DK * 2, z_row = BV * 2, a_row = C * 2;
+  extern __shared__ __align__(128) char smem[];
+
+  const int v_block = blockIdx.x % Shape::v_blocks, chunk = blockIdx.x / Shape::v_blocks;
+  const int h = blockIdx.y, b = blockIdx.z / p.n_sweeps;
+  const Sweep& s = p.sweep[blockIdx.z % p.n_sweeps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
+  const int T = p.length, D = p.d_head, H = p.n_heads;
+  const bool reverse = s.reverse;
+  const int t0 = chunk * C;
+  const std::int64_t head = std::int64_t(b) * H + h;
+
+  char* const r_tile = smem + Shape::r_offset;
+  char* const a_tile = smem + Shape::a_offset;
+  float* const decay = reinterpret_cast<float*>(smem + Shape::decay_offset);
+  const std::uint32_t x_base = ptx::shared_address(smem), y_base = x_base + Shape::x_bytes;
+  const std::uint32_t z_base = y_base + Shape::y_bytes;
+  const std::uint32_t r_base = ptx::shared_address(r_tile), a_base = ptx::shared_address(a_tile);
+
+  load_tile<DK, C, threads>(p, rows_of(p, s.x, b, h), t0, 0, smem);
+  load_tile<DK, C, threads>(p, rows_of(p, s.y, b, h), t0, 0, smem + Shape::x_bytes);
+  // R entering the chunk, columns [v_block·BV, +BV) of its [DK, DK] state: a [DK, BV] tile, or
+  // from the transpose the [BV, DK] tile of rows [v_block·BV, +BV).
+  const bool transposed = s.chunk_states_transposed;
+  {
+    constexpr int total = DK * BV / 8, per_thread = (total + threads - 1) / threads;
+    const bfloat16* const state = s.chunk_states + (head * chunk_count(T) + chunk) * DK * DK;
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const int i = threadIdx.x + k * threads;
+      if (total % threads != 0 && i >= total) break;
+      if (transposed) {
+        const int row = i / (DK / 8), unit = i % (DK / 8);
+        ptx::cp_async_16(ptx::shared_address(r_tile + swizzled_row_offset<x_row>(row, unit)),
+                         state + (v_block * BV + row) * DK + unit * 8);
+      } else {
+        const int row = i / (BV / 8), unit = i % (BV / 8);
+        ptx::cp_async_16(ptx::shared_address(r_tile + swizzled_row_offset<z_row>(row, unit)),
+                         state + row * DK + v_block * BV + unit * 8);
+      }
+    }
+  }
+  ptx::cp_async_commit();
+  load_tile<BV, C, threads>(p, rows_of(p, s.z, b, h), t0, v_block * BV, smem + Shape::x_bytes + Shape::y_bytes);
+  ptx::cp_async_commit();
+  if (warp == 0) {
+    float g[C / 32];
+    load_log_decays<C>(Rows<const float>{p.g + std::int64_t(b) * T * H + h, H}, t0, T, g);
+    chunk_decays<C>(g, reverse, p.scale, decay);
+  }
+  ptx::cp_async_wait<1>();  // x, y and R; z may still be in flight
+  __syncthreads();
+  const float* const decay_b2 = decay;
+  const float* const decay_f = decay + C;
 
   const int row_block = warp / Shape::col_splits, split = warp % Shape::col_splits;
   const int row0 = 16 * row_block;
-  for (int step = 0; step < steps; ++step) {
-    const int t0 = chunk_at(step) * C;
-    char* const stage = smem + (step & 1) * Shape::stage_bytes;
-    if (step + 1 < steps) {
-      load_chunk(chunk_at(step + 1), smem + ((step + 1) & 1) * Shape::stage_bytes);
-      ptx::cp_async_commit();
-      ptx::cp_async_wait<1>();
+  // (1) One pass over the fragments of X rows [row0, row0 + 16): the scores against keys
+  // [key0, key0 + score_cols) and the state term X R of columns [col0, col0 + out_cols).
+  constexpr int score_tiles = Shape::score_cols / 8, out_tiles = Shape::out_cols / 8;
+  const int key0 = split * Shape::score_cols, col0 = split * Shape::out_cols;
+  const bool masked = reverse ? key0 + Shape::score_cols <= row0 : key0 > row0 + 15;
+  float scores[score_tiles][4] = {}, out[out_tiles][4] = {};
+  // A pair of score tiles (16 keys from key0 + 8n) that the mask hides entirely.
+  const auto hidden = [&](int n) { return reverse ? key0 + 8 * n + 16 <= row0 : key0 + 8 * n > row0; };
+  const auto b_fragments = [&](std::uint32_t base, int kk, int n, auto&& use) {
+    if constexpr (out_tiles >= 2) {
+      std::uint32_t bf[4];
+      ptx::ldmatrix_x4_trans(bf, base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                                   (col0 >> 3) + n + (lane >> 4)));
+      use(n, bf[0], bf[1]);
+      use(n + 1, bf[2], bf[3]);
     } else {
-      ptx::cp_async_wait<0>();
+      std::uint32_t bf[2];
+      ptx::ldmatrix_x2_trans(bf, base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                                   (col0 >> 3) + n));
+      use(n, bf[0], bf[1]);
     }
-    __syncthreads();
-    const std::uint32_t x_base = ptx::shared_address(stage);
-    const std::uint32_t y_base = x_base + Shape::x_bytes;
-    const std::uint32_t z_base = y_base + Shape::y_bytes;
-    const float* const decay = decay_buffers + (step & 1) * Shape::decay_floats;
-    const float* const decay_b2 = decay;
-    const float* const decay_f = decay + C;
-    const std::uint32_t* const decay_w = reinterpret_cast<const std::uint32_t*>(decay + 2 * C);
-    const float* const decay_total = decay + 2 * C + C / 2;
-    if (warp == 0 && step + 1 < steps) {
-      // The buffer of the next chunk's parity was last read before the previous barrier.
-      chunk_decays<C>(g_next, reverse, p.scale, decay_buffers + ((step + 1) & 1) * Shape::decay_floats);
-      if (step + 2 < steps) load_log_decays<C>(g_rows, chunk_at(step + 2) * C, T, g_next);
-    }
-
-    if (!states_only) {
-      // (1) One pass over the fragments of X rows [row0, row0 + 16): the scores against keys
-      // [key0, key0 + score_cols) and the state term X R of columns [col0, col0 + out_cols).
-      constexpr int score_tiles = Shape::score_cols / 8, out_tiles = Shape::out_cols / 8;
-      const int key0 = split * Shape::score_cols, col0 = split * Shape::out_cols;
-      const bool masked = reverse ? key0 + Shape::score_cols <= row0 : key0 > row0 + 15;
-      float scores[score_tiles][4] = {}, out[out_tiles][4] = {};
-      // A pair of score tiles (16 keys from key0 + 8n) that the mask hides entirely.
-      const auto hidden = [&](int n) { return reverse ? key0 + 8 * n + 16 <= row0 : key0 + 8 * n > row0; };
-      const auto b_fragments = [&](std::uint32_t base, int kk, int n, auto&& use) {
-        if constexpr (out_tiles >= 2) {
+  };
+#pragma unroll
+  for (int kk = 0; kk < DK / 16; ++kk) {
+    std::uint32_t a[4];
+    ptx::ldmatrix_x4(a, x_base + swizzled_row_offset<x_row>(row0 + (lane & 15), 2 * kk + (lane >> 4)));
+    if (!masked) {
+#pragma unroll
+      for (int n = 0; n < score_tiles; n += 2) {
+        if constexpr (score_tiles >= 2) {
+          if (hidden(n)) continue;
           std::uint32_t bf[4];
-          ptx::ldmatrix_x4_trans(bf, base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                                       (col0 >> 3) + n + (lane >> 4)));
-          use(n, bf[0], bf[1]);
-          use(n + 1, bf[2], bf[3]);
+          ptx::ldmatrix_x4(bf, y_base + swizzled_row_offset<x_row>(key0 + 8 * n + (lane & 7) + ((lane >> 4) << 3),
+                                                                   2 * kk + ((lane >> 3) & 1)));
+          ptx::mma_m16n8k16_bf16(scores[n], a, bf[0], bf[1]);
+          ptx::mma_m16n8k16_bf16(scores[n + 1], a, bf[2], bf[3]);
         } else {
           std::uint32_t bf[2];
-          ptx::ldmatrix_x2_trans(bf, base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                                       (col0 >> 3) + n));
-          use(n, bf[0], bf[1]);
-        }
-      };
-#pragma unroll
-      for (int kk = 0; kk < DK / 16; ++kk) {
-        std::uint32_t a[4];
-        ptx::ldmatrix_x4(a, x_base + swizzled_row_offset<x_row>(row0 + (lane & 15), 2 * kk + (lane >> 4)));
-        if (!masked) {
-#pragma unroll
-          for (int n = 0; n < score_tiles; n += 2) {
-            if constexpr (score_tiles >= 2) {
-              if (hidden(n)) continue;
-              std::uint32_t bf[4];
-              ptx::ldmatrix_x4(bf, y_base + swizzled_row_offset<x_row>(key0 + 8 * n + (lane & 7) + ((lane >> 4) << 3),
-                                                                       2 * kk + ((lane >> 3) & 1)));
-              ptx::mma_m16n8k16_bf16(scores[n], a, bf[0], bf[1]);
-              ptx::mma_m16n8k16_bf16(scores[n + 1], a, bf[2], bf[3]);
-            } else {
-              std::uint32_t bf[2];
-              ptx::ldmatrix_x2(bf, y_base + swizzled_row_offset<x_row>(key0 + 8 * n + (lane & 7),
-                                                                       2 * kk + ((lane >> 3) & 1)));
-              ptx::mma_m16n8k16_bf16(scores[n], a, bf[0], bf[1]);
-            }
-          }
-        }
-#pragma unroll
-        for (int n = 0; n < out_tiles; n += 2)
-          b_fragments(r_base, kk, n,
-                      [&](int nt, std::uint32_t b0, std::uint32_t b1) { ptx::mma_m16n8k16_bf16(out[nt], a, b0, b1); });
-      }
-      if (!masked) {
-        const float row_b2[2] = {decay_b2[row0 + gq], decay_b2[row0 + gq + 8]};
-#pragma unroll
-        for (int n = 0; n < score_tiles; ++n) {
-          const int j = key0 + 8 * n + 2 * tq;
-          const float key_b2[2] = {decay_b2[j], decay_b2[j + 1]};
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int i = row0 + gq + 8 * half;
-            float value[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const bool visible = reverse ? j + e >= i : j + e <= i;
-              const float exponent = reverse ? key_b2[e] - row_b2[half] : row_b2[half] - key_b2[e];
-              value[e] = visible ? scores[n][2 * half + e] * p.scale * ptx::fast_exp2(exponent) : 0.f;
-            }
-            *reinterpret_cast<std::uint32_t*>(a_tile + swizzled_element_offset<a_row>(i, j)) =
-                ptx::pack_bf16x2(value[0], value[1]);
-          }
+          ptx::ldmatrix_x2(bf, y_base + swizzled_row_offset<x_row>(key0 + 8 * n + (lane & 7),
+                                                                   2 * kk + ((lane >> 3) & 1)));
+          ptx::mma_m16n8k16_bf16(scores[n], a, bf[0], bf[1]);
         }
       }
-      const float f0 = decay_f[row0 + gq], f1 = decay_f[row0 + gq + 8];
+    }
 #pragma unroll
-      for (int n = 0; n < out_tiles; ++n) out[n][0] *= f0, out[n][1] *= f0, out[n][2] *= f1, out[n][3] *= f1;
-      __syncthreads();
-
-      // (2) out += A Z over the visible key blocks, then the output rows [row0, row0 + 16).
-      const int kk_begin = reverse ? row_block : 0, kk_end = reverse ? C / 16 : row_block + 1;
-      for (int kk = kk_begin; kk < kk_end; ++kk) {
-        std::uint32_t a[4];
-        ptx::ldmatrix_x4(a, a_base + swizzled_row_offset<a_row>(row0 + (lane & 15), 2 * kk + (lane >> 4)));
-#pragma unroll
-        for (int n = 0; n < out_tiles; n += 2)
-          b_fragments(z_base, kk, n,
-                      [&](int nt, std::uint32_t b0, std::uint32_t b1) { ptx::mma_m16n8k16_bf16(out[nt], a, b0, b1); });
+    for (int n = 0; n < out_tiles; n += 2) {
+      const auto use = [&](int nt, std::uint32_t b0, std::uint32_t b1) { ptx::mma_m16n8k16_bf16(out[nt], a, b0, b1); };
+      if (!transposed) {
+        b_fragments(r_base, kk, n, use);
+      } else if constexpr (out_tiles >= 2) {  // rows of the [BV, DK] tile are R's columns
+        std::uint32_t bf[4];
+        ptx::ldmatrix_x4(bf, r_base + swizzled_row_offset<x_row>(col0 + 8 * n + (lane & 7) + ((lane >> 4) << 3),
+                                                                 2 * kk + ((lane >> 3) & 1)));
+        use(n, bf[0], bf[1]);
+        use(n + 1, bf[2], bf[3]);
+      } else {
+        std::uint32_t bf[2];
+        ptx::ldmatrix_x2(bf, r_base + swizzled_row_offset<x_row>(col0 + 8 * n + (lane & 7), 2 * kk + ((lane >> 3) & 1)));
+        use(n, bf[0], bf[1]);
       }
-
-      const bool with_dot = s.dot.data != nullptr;
-      const Rows<const bfloat16> dot_rows = with_dot ? rows_of(p, s.dot, b, h) : Rows<const bfloat16>{};
-      const std::int64_t out_head = std::int64_t(b) * T * s.out_stride + std::int64_t(h) * D;
-      const int col_base = v_block * BV + col0 + 2 * tq;
+    }
+  }
+  if (!masked) {
+    const float row_b2[2] = {decay_b2[row0 + gq], decay_b2[row0 + gq + 8]};
+#pragma unroll
+    for (int n = 0; n < score_tiles; ++n) {
+      const int j = key0 + 8 * n + 2 * tq;
+      const float key_b2[2] = {decay_b2[j], decay_b2[j + 1]};
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int t = t0 + row0 + gq + 8 * half;
-        const bool token = t < T;
-        const std::int64_t out_row = out_head + std::int64_t(t) * s.out_stride;
-        float dot = 0.f;
+        const int i = row0 + gq + 8 * half;
+        float value[2];
 #pragma unroll
-        for (int n = 0; n < out_tiles; ++n) {
-          const int col = col_base + 8 * n;
-          const float v0 = out[n][2 * half], v1 = out[n][2 * half + 1];
-          if (!token || col >= D) continue;
-          if (p.vector_io) {
-            if (s.out) *reinterpret_cast<__nv_bfloat162*>(s.out + out_row + col) = __floats2bfloat162_rn(v0, v1);
-            else *reinterpret_cast<float2*>(s.out_f32 + out_row + col) = make_float2(v0, v1);
-            if (with_dot) {
-              const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dot_rows[t] + col));
-              dot += v0 * xv.x + v1 * xv.y;
-            }
-          } else {
-            const bool pair = col + 1 < D;
-            if (s.out) {
-              s.out[out_row + col] = __float2bfloat16(v0);
-              if (pair) s.out[out_row + col + 1] = __float2bfloat16(v1);
-            } else {
-              s.out_f32[out_row + col] = v0;
-              if (pair) s.out_f32[out_row + col + 1] = v1;
-            }
-            if (with_dot) {  // the vector path's order of operations
-              const float x0 = __bfloat162float(dot_rows[t][col]);
-              const float x1 = pair ? __bfloat162float(dot_rows[t][col + 1]) : 0.f;
-              dot += v0 * x0 + v1 * x1;
-            }
-          }
+        for (int e = 0; e < 2; ++e) {
+          const bool visible = reverse ? j + e >= i : j + e <= i;
+          const float exponent = reverse ? key_b2[e] - row_b2[half] : row_b2[half] - key_b2[e];
+          value[e] = visible ? scores[n][2 * half + e] * p.scale * ptx::fast_exp2(exponent) : 0.f;
         }
+        *reinterpret_cast<std::uint32_t*>(a_tile + swizzled_element_offset<a_row>(i, j)) =
+            ptx::pack_bf16x2(value[0], value[1]);
+      }
+    }
+  }
+  const float f0 = decay_f[row0 + gq], f1 = decay_f[row0 + gq + 8];
+#pragma unroll
+  for (int n = 0; n < out_tiles; ++n) out[n][0] *= f0, out[n][1] *= f0, out[n][2] *= f1, out[n][3] *= f1;
+  ptx::cp_async_wait<0>();
+  __syncthreads();
+
+  // (2) out += A Z over the visible key blocks, then the output rows [row0, row0 + 16).
+  const int kk_begin = reverse ? row_block : 0, kk_end = reverse ? C / 16 : row_block + 1;
+  for (int kk = kk_begin; kk < kk_end; ++kk) {
+    std::uint32_t a[4];
+    ptx::ldmatrix_x4(a, a_base + swizzled_row_offset<a_row>(row0 + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+    for (int n = 0; n < out_tiles; n += 2)
+      b_fragments(z_base, kk, n,
+                  [&](int nt, std::uint32_t b0, std::uint32_t b1) { ptx::mma_m16n8k16_bf16(out[nt], a, b0, b1); });
+  }
+
+  const bool with_dot = s.dot.data != nullptr;
+  const Rows<const bfloat16> dot_rows = with_dot ? rows_of(p, s.dot, b, h) : Rows<const bfloat16>{};
+  const std::int64_t out_head = std::int64_t(b) * T * s.out_stride + std::int64_t(h) * D;
+  const int col_base = v_block * BV + col0 + 2 * tq;
+  // bf16 outputs on the vector path leave through shared memory as whole 16-byte units: this
+  // warp's [16, out_cols] slab at its own rows and columns of the x tile, free since the barrier
+  // after (1).
+  const bool staged = p.vector_io && s.out;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int t = t0 + row0 + gq + 8 * half;
+    const bool token = t < T;
+    const std::int64_t out_row = out_head + std::int64_t(t) * s.out_stride;
+    float dot = 0.f;
+#pragma unroll
+    for (int n = 0; n < out_tiles; ++n) {
+      const int col = col_base + 8 * n;
+      const float v0 = out[n][2 * half], v1 = out[n][2 * half + 1];
+      if (!token || col >= D) continue;
+      if (p.vector_io) {
+        if (staged)
+          *reinterpret_cast<std::uint32_t*>(smem + swizzled_element_offset<x_row>(row0 + gq + 8 * half,
+                                                                                  col0 + 8 * n + 2 * tq)) =
+              ptx::pack_bf16x2(v0, v1);
+        else *reinterpret_cast<float2*>(s.out_f32 + out_row + col) = make_float2(v0, v1);
         if (with_dot) {
-          dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-          dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-          if (token && tq == 0)
-            s.dot_partials[(head * Shape::partials + v_block * Shape::col_splits + split) * T + t] = dot;
+          const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dot_rows[t] + col));
+          dot += v0 * xv.x + v1 * xv.y;
         }
-      }
-    } else if (threadIdx.x == 0) {
-      segment_log_decay += decay_total[1];
-    }
-
-    // (3) R = e^{b_C} R + Yᵀ diag(w) Z on this warp's tiles.
-    if (state_warp) {
-      const float total = decay_total[0];
-#pragma unroll
-      for (int i = 0; i < Shape::tm; ++i)
-#pragma unroll
-        for (int j = 0; j < Shape::tn; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) R[i][j][e] *= total;
-#pragma unroll
-      for (int kk = 0; kk < C / 16; ++kk) {
-        const std::uint32_t w01 = decay_w[8 * kk + tq], w89 = decay_w[8 * kk + tq + 4];
-        std::uint32_t a[Shape::tm][4];
-#pragma unroll
-        for (int i = 0; i < Shape::tm; ++i) {
-          const int m0 = (wm * Shape::tm + i) * 16;
-          ptx::ldmatrix_x4_trans(a[i], y_base + swizzled_row_offset<x_row>(16 * kk + (lane & 7) + ((lane >> 4) << 3),
-                                                                           (m0 >> 3) + ((lane >> 3) & 1)));
-          a[i][0] = ptx::mul_bf16x2(a[i][0], w01);
-          a[i][1] = ptx::mul_bf16x2(a[i][1], w01);
-          a[i][2] = ptx::mul_bf16x2(a[i][2], w89);
-          a[i][3] = ptx::mul_bf16x2(a[i][3], w89);
+      } else {
+        const bool pair = col + 1 < D;
+        if (s.out) {
+          s.out[out_row + col] = __float2bfloat16(v0);
+          if (pair) s.out[out_row + col + 1] = __float2bfloat16(v1);
+        } else {
+          s.out_f32[out_row + col] = v0;
+          if (pair) s.out_f32[out_row + col + 1] = v1;
         }
-#pragma unroll
-        for (int j = 0; j < Shape::tn; j += 2) {
-          const int n0 = (wn * Shape::tn + j) * 8;
-          if constexpr (Shape::tn >= 2) {
-            std::uint32_t bf[4];
-            ptx::ldmatrix_x4_trans(
-                bf, z_base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                        (n0 >> 3) + (lane >> 4)));
-#pragma unroll
-            for (int i = 0; i < Shape::tm; ++i) {
-              ptx::mma_m16n8k16_bf16(R[i][j], a[i], bf[0], bf[1]);
-              ptx::mma_m16n8k16_bf16(R[i][j + 1], a[i], bf[2], bf[3]);
-            }
-          } else {
-            std::uint32_t bf[2];
-            ptx::ldmatrix_x2_trans(
-                bf, z_base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), n0 >> 3));
-#pragma unroll
-            for (int i = 0; i < Shape::tm; ++i) ptx::mma_m16n8k16_bf16(R[i][j], a[i], bf[0], bf[1]);
-          }
+        if (with_dot) {  // the vector path's order of operations
+          const float x0 = __bfloat162float(dot_rows[t][col]);
+          const float x1 = pair ? __bfloat162float(dot_rows[t][col + 1]) : 0.f;
+          dot += v0 * x0 + v1 * x1;
         }
       }
     }
-    __syncthreads();  // R's copy, the scores, this chunk's decays and its stage are free again
-    if (step + 1 < steps && !states_only) store_r_tile();
+    if (with_dot) {
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+      if (token && tq == 0)
+        s.dot_partials[(head * Shape::partials + v_block * Shape::col_splits + split) * T + t] = dot;
+    }
   }
-
-  // The state after the last chunk: a segment's contribution (first pass), else the sweep's
-  // final state from the block that ends the sequence.
-  float* const final_state = states_only ? s.segment_states + (head * p.segments + segment) * D * D
-                             : last_segment && s.state_out ? s.state_out + head * D * D
-                                                           : nullptr;
-  const bool final_transposed = !states_only && s.state_transposed;
-  if (states_only && v_block == 0 && threadIdx.x == 0) s.segment_decays[head * p.segments + segment] = segment_log_decay;
-  if (final_state && state_warp) {
+  if (staged) {
+    __syncwarp();
+    constexpr int units = Shape::out_cols / 8;  // per slab row
 #pragma unroll
-    for (int i = 0; i < Shape::tm; ++i)
-#pragma unroll
-      for (int j = 0; j < Shape::tn; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = (wm * Shape::tm + i) * 16 + gq + (e >> 1) * 8;
-          const int col = v_block * BV + (wn * Shape::tn + j) * 8 + 2 * tq + (e & 1);
-          if (row < D && col < D) final_state[final_transposed ? col * D + row : row * D + col] = R[i][j][e];
-        }
-  }
-}
-
-// Each segment's initial state in R's layout, from the first pass's contributions L_p (in
-// segment_states) and log decays G_p, in the sweep's direction:
-//   R_in[first] = the sweep's initial state (or 0),  R_in[next] = e^{G_p} R_in[p] + L_p
-// One thread per element of R; grid (⌈D²/256⌉, heads, batch × sweeps).
-template <int Threads>
-__global__ void __launch_bounds__(Threads) combine_segments_kernel(const __grid_constant__ SweepBatch p) {
-  const Sweep& s = p.sweep[blockIdx.z % p.n_sweeps];
-  const int b = blockIdx.z / p.n_sweeps, h = blockIdx.y, D = p.d_head, P = p.segments;
-  const int element = blockIdx.x * blockDim.x + threadIdx.x;
-  if (element >= D * D) return;
-  const int row = element / D, col = element % D;
-  const std::int64_t head = std::int64_t(b) * p.n_heads + h;
-  float carry = s.state_in ? s.state_in[head * D * D + (s.state_transposed ? col * D + row : element)] : 0.f;
-  float* const states = s.segment_states + head * P * D * D + element;
-  const float* const log_decays = s.segment_decays + head * P;
-  for (int k = 0; k < P; ++k) {
-    const int segment = s.reverse ? P - 1 - k : k;
-    float* const slot = states + std::int64_t(segment) * D * D;
-    if (k + 1 < P) {
-      const float contribution = *slot;
-      *slot = carry;
-      carry = expf(log_decays[segment]) * carry + contribution;
-    } else {
-      *slot = carry;
+    for (int i = lane; i < 16 * units; i += 32) {
+      const int row = row0 + i / units, unit = col0 / 8 + i % units;
+      const int t = t0 + row, col = v_block * BV + 8 * unit;
+      if (t < T && col < D)
+        *reinterpret_cast<uint4*>(s.out + out_head + std::int64_t(t) * s.out_stride + col) =
+            *reinterpret_cast<const uint4*>(smem + swizzled_row_offset<x_row>(row, unit));
     }
   }
 }
 
-// Blocks that keep the GPU busy: two resident per SM on H100/H200 (132 SMs). Sweeps are split
-// into segments until they reach it; the choice depends on the sizes only, so results do not
-// depend on the device.
-inline constexpr int target_blocks = 264;
-inline constexpr int min_segment_chunks = 4;  // below this a segment's first pass costs more than it gains
-
-struct Segmentation {
-  int segments = 1, segment_chunks = 0;
-};
-
-inline Segmentation segmentation(int blocks, int length, int chunk) {
-  const int n_chunks = (length + chunk - 1) / chunk;
-  int segments = blocks >= target_blocks ? 1 : target_blocks / blocks;
-  segments = std::max(1, std::min(segments, n_chunks / min_segment_chunks));
-  const int segment_chunks = (n_chunks + segments - 1) / segments;
-  return {(n_chunks + segment_chunks - 1) / segment_chunks, segment_chunks};
-}
-
-// Runs the sweeps of `batch` (segmented as batch.segments says, with each sweep's segment
-// buffers set): grid (value blocks, heads, batch × sweeps × segments).
-template <class Shape>
-void launch_sweeps(SweepBatch batch, cudaStream_t stream) {
-  const auto kernel = sweep_kernel<Shape>;
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::smem_bytes),
-        "gla sweep: cudaFuncSetAttribute");
-  const dim3 grid(Shape::v_blocks, unsigned(batch.n_heads), unsigned(batch.batch * batch.n_sweeps * batch.segments));
-  if (batch.segments > 1) {
-    batch.states_only = true;
-    kernel<<<grid, Shape::threads, Shape::smem_bytes, stream>>>(batch);
-    check(cudaGetLastError(), "gla sweep launch (segment states)");
-    const int elements = batch.d_head * batch.d_head;
-    combine_segments_kernel<256><<<dim3(unsigned((elements + 255) / 256), unsigned(batch.n_heads),
-                                   unsigned(batch.batch * batch.n_sweeps)),
-                              256, 0, stream>>>(batch);
-    check(cudaGetLastError(), "gla segment combine launch");
-    batch.states_only = false;
-  }
-  kernel<<<grid, Shape::threads, Shape::smem_bytes, stream>>>(batch);
-  check(cudaGetLastError(), "gla sweep launch");
+// Runs the state pass over the sweeps of `chains`, grid (tiles of R, heads, batch × sweeps), then
+// the output pass over the sweeps of `batch`, grid (value blocks × chunks, heads, batch × sweeps),
+// which read the chunk states the chains wrote.
+template <int Width>
+void launch_sweeps(const SweepBatch& chains, const SweepBatch& batch, cudaStream_t stream) {
+  using States = DefaultStateShape<Width>;
+  using Chunks = DefaultShape<Width>;
+  const auto state_kernel = state_pass_kernel<States>;
+  const auto chunk_kernel = chunk_pass_kernel<Chunks>;
+  check(cudaFuncSetAttribute(state_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, States::smem_bytes),
+        "gla state pass: cudaFuncSetAttribute");
+  check(cudaFuncSetAttribute(chunk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Chunks::smem_bytes),
+        "gla output pass: cudaFuncSetAttribute");
+  const unsigned heads = unsigned(batch.n_heads);
+  state_kernel<<<dim3(States::tiles, heads, unsigned(chains.batch * chains.n_sweeps)), States::threads,
+                 States::smem_bytes, stream>>>(chains);
+  check(cudaGetLastError(), "gla state pass launch");
+  const unsigned blocks = unsigned(Chunks::v_blocks * chunk_count(batch.length));
+  chunk_kernel<<<dim3(blocks, heads, unsigned(batch.batch * batch.n_sweeps)), Chunks::threads, Chunks::smem_bytes,
+                 stream>>>(batch);
+  check(cudaGetLastError(), "gla output pass launch");
 }
 
 }  // namespace dash::cuda::gla::detail
