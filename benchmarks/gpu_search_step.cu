@@ -1,7 +1,8 @@
 // One step of the architecture search on the GPU (DeviceSearchModel): teacher forward, student
 // forward with every operator of every layer mixed, the KL at the head with its gradient, and
-// the student's backward to its inputs with per-layer recomputation. Random bf16 weights (speed
-// does not depend on the values), π uniform, every operator run, one stream.
+// the student's backward to its inputs, with each layer's forward recomputed before its backward
+// or its activations kept from the forward (Activations). Random bf16 weights (speed does not
+// depend on the values), π uniform, every operator run, one stream.
 //
 // Reports the median ms per step over CUDA-event timings, tokens/s, and in a timing mode (CUDA
 // events around every GEMM and every other launch group of one step) where the time goes, and
@@ -9,8 +10,8 @@
 // product; the fused loss (whose GEMMs run inside lm_loss: two logit products and d_hidden) is
 // timed as one region. Device memory is what the process holds after the steps.
 //
-//   gpu_search_step [smollm2|qwen3b|all] [batch] [length]   (default all: SmolLM2 16 × 2048,
-//                                                            Qwen2.5-3B 4 × 4096)
+//   gpu_search_step [smollm2|qwen3b|all] [batch] [length] [recomputed|kept|both]
+//       (default all: SmolLM2 16 × 2048, Qwen2.5-3B 4 × 4096; both)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -94,11 +95,14 @@ double reference_rate(cudaStream_t stream) {
 }
 
 template <class... Ops>
-void run(const std::string& name, index_t B, index_t T, double reference_tflops, Ops... ops) {
+void run(const std::string& name, index_t B, index_t T, cm::Activations activations, double reference_tflops,
+         Ops... ops) {
   const model::Config c = shape(name);
-  std::printf("\n%s: %d layers, d %d, %d/%d heads of %d, d_ff %d, vocab %d, B×T = %lld × %lld, %d operators\n",
+  std::printf("\n%s: %d layers, d %d, %d/%d heads of %d, d_ff %d, vocab %d, B×T = %lld × %lld, %d operators, "
+              "activations %s\n",
               name.c_str(), c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_ff, c.vocab_size,
-              (long long)B, (long long)T, int(sizeof...(Ops)));
+              (long long)B, (long long)T, int(sizeof...(Ops)),
+              activations == cm::Activations::kept ? "kept" : "recomputed");
   std::fflush(stdout);
   std::size_t free_before = 0, total = 0;
   dash::cuda::check(cudaMemGetInfo(&free_before, &total), "cudaMemGetInfo");
@@ -107,7 +111,7 @@ void run(const std::string& name, index_t B, index_t T, double reference_tflops,
   const model::Decoder<float, Mixer> decoder(
       c, bench::random_weights(c),
       [&](int, const AttentionShape& s, AttentionWeights<float> a) { return Mixer(s, std::move(a), rng, ops...); });
-  cm::DeviceSearchModel<Ops...> model(decoder, B * T, T);
+  cm::DeviceSearchModel<Ops...> model(decoder, B * T, T, activations);
 
   const int m = model.n_ops(), L = model.n_layers();
   Tensor<int> ids(Shape{B * T});
@@ -215,16 +219,22 @@ int main(int argc, char** argv) {
   try {
     const std::string which = argc > 1 ? argv[1] : "all";
     const index_t batch = argc > 2 ? std::atoll(argv[2]) : 0, length = argc > 3 ? std::atoll(argv[3]) : 0;
+    const std::string mode = argc > 4 ? argv[4] : "both";
+    std::vector<cm::Activations> modes;
+    if (mode != "kept") modes.push_back(cm::Activations::recomputed);
+    if (mode != "recomputed") modes.push_back(cm::Activations::kept);
     cudaStream_t stream = nullptr;
     dash::cuda::check(cudaStreamCreate(&stream), "stream");
     const double reference = reference_rate(stream);
     std::printf("cuBLASLt bf16 8192^3: %.1f TFLOP/s\n", reference);
-    if (which == "smollm2" || which == "all")
-      run("smollm2", batch ? batch : 16, length ? length : 2048, reference, Softmax{}, SlidingWindow<512>{},
-          GatedLinear{}, GatedDeltaNet{});
-    if (which == "qwen3b" || which == "all")
-      run("qwen3b", batch ? batch : 4, length ? length : 4096, reference, Softmax{}, SlidingWindow<2048>{},
-          GatedLinear{});
+    for (const cm::Activations a : modes) {
+      if (which == "smollm2" || which == "all")
+        run("smollm2", batch ? batch : 16, length ? length : 2048, a, reference, Softmax{}, SlidingWindow<512>{},
+            GatedLinear{}, GatedDeltaNet{});
+      if (which == "qwen3b" || which == "all")
+        run("qwen3b", batch ? batch : 4, length ? length : 4096, a, reference, Softmax{}, SlidingWindow<2048>{},
+            GatedLinear{});
+    }
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "gpu_search_step: %s\n", e.what());

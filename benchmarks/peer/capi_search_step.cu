@@ -4,8 +4,9 @@
 //   dash_search_step_create   builds a Llama-shaped decoder of the given sizes with random weights
 //                             (uniform, std 1/√fan-in; the embedding std 1; norms 1; speed does not
 //                             depend on the values) and the device model for `batch` sequences of
-//                             `length` tokens; `ops` is "softmax,swa:W,gla,gdn" or "softmax,swa:W,gla"
-//                             (W the window in tokens), the operator sets compiled here.
+//                             `length` tokens, every layer's activations kept for the backward;
+//                             `ops` is "softmax,swa:W,gla,gdn" or "softmax,swa:W,gla" (W the
+//                             window in tokens), the operator sets compiled here.
 //   dash_search_step_run      one step: teacher forward, student forward with every operator of
 //                             every layer run and mixed by π, KL at the head, backward to dL/dπ
 //                             and dL/dx_0; ids int32 [batch·length] and π fp32 [layers × ops]
@@ -54,7 +55,7 @@ template <class... Ops>
 class TypedSearchStep final : public SearchStep {
  public:
   TypedSearchStep(const model::Config& c, index_t batch, index_t length, Ops... ops)
-      : batch_(batch), length_(length), model_(decoder(c, ops...), batch * length, length),
+      : batch_(batch), length_(length), model_(decoder(c, ops...), batch * length, length, dash::cuda::model::Activations::kept),
         run_(std::size_t(c.n_layers) * sizeof...(Ops), 1) {}
 
   void run(const int* ids, const float* pi, cudaStream_t stream) override {

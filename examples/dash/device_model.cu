@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -17,18 +19,33 @@ namespace {
 
 using DeviceModel = cuda::model::DeviceSearchModel<Softmax, SlidingWindow<>, GatedLinear, GatedDeltaNet>;
 
+// Every layer's activations kept from the forward when they fit in the device's memory (no
+// forward runs twice), else recomputed layer by layer in the backward.
 class CudaStep final : public DeviceSearchStep {
  public:
   CudaStep(const SearchDecoder& decoder, index_t batch, index_t length, std::string name)
-      : model_(decoder, batch * length, length), name_(std::move(name)) {}
+      : model_(make_model(decoder, batch * length, length)), name_(std::move(name)) {
+    if (model_->activations() == cuda::model::Activations::recomputed)
+      std::fprintf(stderr, "search: the layers' activations do not fit beside the model; each layer's forward is "
+                           "recomputed in the backward\n");
+  }
 
   double kl_and_gradient(const model::TokenBatch& batch, search::Mixture& mixture) override {
-    return model_.kl_and_gradient(batch, mixture);
+    return model_->kl_and_gradient(batch, mixture);
   }
   std::string device_name() const override { return name_; }
 
  private:
-  DeviceModel model_;
+  static std::unique_ptr<DeviceModel> make_model(const SearchDecoder& decoder, index_t tokens, index_t length) {
+    try {
+      return std::make_unique<DeviceModel>(decoder, tokens, length, cuda::model::Activations::kept);
+    } catch (const Error&) {
+      (void)cudaGetLastError();  // the failed allocation
+      return std::make_unique<DeviceModel>(decoder, tokens, length, cuda::model::Activations::recomputed);
+    }
+  }
+
+  std::unique_ptr<DeviceModel> model_;
   std::string name_;
 };
 

@@ -346,6 +346,37 @@ TEST_CASE("search step: kl_and_gradient (the SearchModel contract) equals step()
   check_step("through kl_and_gradient", step, ref, batch, mixture);
 }
 
+TEST_CASE("search step with every layer's activations kept equals the step that recomputes them") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("search step kept activations");
+  model::Config c = test::random_config(rng);
+  c.n_layers = 3, c.d_head = 64, c.n_heads = 4, c.n_kv_heads = 2, c.d_model = 128, c.d_ff = 192, c.vocab_size = 300;
+  c.qkv_bias = true;
+  const model::Weights<double> w = model::Weights<double>::random(c, rng);
+  GatedLinear gla;
+  gla.rope = true;
+  const test::SearchReference ref = test::make_search_reference(
+      c, w, rng, SlidingWindow<>(1 + index_t(rng.below(40)), index_t(rng.below(3))), gla, GatedDeltaNet{});
+  const index_t B = 2, T = 65 + index_t(rng.below(70));
+  const std::vector<int> ids = test::random_ids(rng, B * T, c.vocab_size);
+  const model::TokenBatch batch{ids, B, T};
+  search::Mixture mixture = random_mixture(c.n_layers, 4, rng);
+  mixture.weights[4 + 2] = 0, mixture.run[4 + 2] = 0;  // layer 1 leaves GatedLinear out
+
+  DeviceModel recomputed(ref.exact, B * T, T, cm::Activations::recomputed);
+  DeviceModel kept(ref.exact, B * T, T, cm::Activations::kept);
+  CHECK(kept.workspace_bytes() > recomputed.workspace_bytes());
+  const GpuStep a = gpu_step(recomputed, batch, mixture), b = gpu_step(kept, batch, mixture);
+  // The same kernels on the same inputs: equal up to the order of fp32 atomic reductions.
+  MESSAGE("kept vs recomputed: KL ", b.kl, " vs ", a.kl, ", dL/dpi ", relative_l2(b.grad, a.grad), ", dL/dx0 ",
+          test::relative_l2(b.d_input, a.d_input));
+  CHECK(std::abs(a.kl - b.kl) <= test::fp32_tolerance * std::abs(a.kl));
+  CHECK(relative_l2(b.grad, a.grad) <= test::fp32_tolerance);
+  CHECK(test::relative_l2(b.d_input, a.d_input) <= test::fp32_tolerance);
+  CHECK(b.grad[4 + 2] == 0);
+  check_step("kept activations", b, ref, batch, mixture);
+}
+
 TEST_CASE("search model refuses bad steps and mixtures before any launch") {
   if (!test::gpu_available()) return;
   Rng rng = test::rng_for("search step bad input");

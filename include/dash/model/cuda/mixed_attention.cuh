@@ -222,25 +222,48 @@ struct MixerBuffers {
   // Calls carve(pointer, count, name) for every buffer, for `rows` tokens.
   template <class Carve>
   void carve(Carve&& carve, const MixerWidths& w, index_t rows) {
+    carve_forward(carve, w, rows);
+    carve_backward(carve, w, rows);
+  }
+
+  // The forward's activations only (what a backward reads).
+  template <class Carve>
+  void carve_forward(Carve&& carve, const MixerWidths& w, index_t rows) {
     const auto r = std::size_t(rows);
-    const auto q = std::size_t(w.q_dim), kv_width = std::size_t(w.qkv_width);
-    carve(qkv, r * kv_width, "qkv");
-    carve(shared_out, r * q * std::size_t(w.n_shared), "shared outputs");
+    carve(qkv, r * std::size_t(w.qkv_width), "qkv");
+    carve(shared_out, r * std::size_t(w.q_dim) * std::size_t(w.n_shared), "shared outputs");
     carve(lse, r * std::size_t(w.n_heads) * std::size_t(w.n_shared), "lse");
-    std::size_t widest_in = 0, widest_gates = 0;
     for (int j = 0; j < w.n_own; ++j) {
-      const auto in = std::size_t(w.own_in[j]), gates = std::size_t(w.own_gates[j]);
-      carve(own_in[j], r * in, "own q|k|v|z");
+      const auto gates = std::size_t(w.own_gates[j]);
+      carve(own_in[j], r * std::size_t(w.own_in[j]), "own q|k|v|z");
       carve(own_out[j], r * std::size_t(w.own_q[j]), "own output");
       carve(own_g[j], r * gates, "own log decays"), carve(own_beta[j], r * gates, "own beta");
-      widest_in = std::max(widest_in, in), widest_gates = std::max(widest_gates, gates);
     }
+  }
+
+  // The backward's scratch only.
+  template <class Carve>
+  void carve_backward(Carve&& carve, const MixerWidths& w, index_t rows) {
+    const auto r = std::size_t(rows);
+    const auto q = std::size_t(w.q_dim), kv_width = std::size_t(w.qkv_width);
+    std::size_t widest_in = 0, widest_gates = 0;
+    for (int j = 0; j < w.n_own; ++j)
+      widest_in = std::max(widest_in, std::size_t(w.own_in[j])),
+      widest_gates = std::max(widest_gates, std::size_t(w.own_gates[j]));
     carve(d_cat, r * q * std::size_t(1 + w.n_own), "d_cat");
     carve(d_out, r * q * std::size_t(w.n_ops), "d_out");
     carve(dqkv, r * kv_width, "dqkv");
     carve(own_d_in, r * widest_in, "own dq|dk|dv|dz");
     carve(own_dg, r * widest_gates, "own dg"), carve(own_dbeta, r * widest_gates, "own dbeta");
     carve(partials, mixture_partials_count(), "mixture partials");
+  }
+
+  // These buffers with the forward's activations taken from `f` (a layer's kept activations).
+  MixerBuffers with_forward_of(const MixerBuffers& f) const {
+    MixerBuffers b = *this;
+    b.qkv = f.qkv, b.shared_out = f.shared_out, b.lse = f.lse;
+    b.own_in = f.own_in, b.own_out = f.own_out, b.own_g = f.own_g, b.own_beta = f.own_beta;
+    return b;
   }
 };
 

@@ -7,15 +7,18 @@
 //   student   x_0 = E[ids];  x_{l+1} = layer_l(x_l) with the mixer Σ_i π_li·o_li   (keeps every x_l)
 //             h_s = RMSNorm(x_L)
 //   loss      KL = mean_t KL(softmax(h_t·Eᵀ) ‖ softmax(h_s·Eᵀ)),  d_h = dKL/dh_s   (lm_loss.cuh)
-//   backward  dx = RMSNorm'(x_L)ᵀ d_h; per layer, last first, recompute the layer from x_l
-//             (mixer forward, second norm, gate|up) and
+//   backward  dx = RMSNorm'(x_L)ᵀ d_h; per layer, last first, with the layer's activations
+//             (recomputed from x_l: mixer forward, second norm, gate|up; or kept from the forward)
 //               dr = dx + RMSNorm'(r)ᵀ (MLP'ᵀ dx)          r = x_l + mixer(RMSNorm(x_l))
 //               dx = dr + RMSNorm'(x_l)ᵀ (mixer'ᵀ dr),      dL/dπ_li from the mixer (mixed_attention.cuh)
 //             leaving dL/dx_0 in dx.
-// Memory: (L + 1)·B·T·d fp32 layer inputs and one layer's activations; nothing is allocated after
-// construction (one Workspace carved for max_tokens = B·T rows and max_length = T; the operators'
-// scratch is planned for sequences of at least min(64, max_length) tokens, and a batch of
-// shorter sequences that would need more is refused before any launch).
+// Memory (Activations): `recomputed` holds (L + 1)·B·T·d fp32 layer inputs and one layer's
+// activations, and runs every layer's forward twice; `kept` holds every layer's activations too
+// (the mixer's, gate|up and r: for SmolLM2 about 0.5 GB per layer at 32k tokens) and runs each
+// forward once. Nothing is allocated after construction (one Workspace carved for max_tokens =
+// B·T rows and max_length = T; the operators' scratch is planned for sequences of at least
+// min(64, max_length) tokens, and a batch of shorter sequences that would need more is refused
+// before any launch).
 //
 // step() enqueues all of it on the caller's stream from device ids and π without synchronising;
 // kl_and_gradient() is the SearchModel contract (search/mixture.hpp): it checks the batch and
@@ -67,6 +70,9 @@
 
 namespace dash::cuda::model {
 
+// What the search step's backward has of each layer's forward (see DeviceSearchModel).
+enum class Activations { recomputed, kept };
+
 template <class... Ops>
 class DeviceSearchModel {
  public:
@@ -80,8 +86,8 @@ class DeviceSearchModel {
   template <class T>
     requires(std::is_same_v<T, float> || std::is_same_v<T, double>)
   DeviceSearchModel(const dash::model::Decoder<T, BasicMixedAttention<T, Ops...>>& decoder, index_t max_tokens,
-                    index_t max_length)
-      : config_(decoder.config()), max_tokens_(max_tokens), max_length_(max_length) {
+                    index_t max_length, Activations activations = Activations::recomputed)
+      : config_(decoder.config()), max_tokens_(max_tokens), max_length_(max_length), activations_(activations) {
     const dash::model::Config& c = config_;
     c.validate();
     require(max_length >= 1 && max_length <= std::numeric_limits<int>::max(), "DeviceSearchModel: max_length = ",
@@ -146,6 +152,7 @@ class DeviceSearchModel {
   index_t max_tokens() const { return max_tokens_; }
   index_t max_length() const { return max_length_; }
   std::size_t workspace_bytes() const { return workspace_.capacity(); }
+  Activations activations() const { return activations_; }
   cudaStream_t stream() const { return stream_; }
 
   // SearchModel: the token-mean KL(teacher ‖ student) of `batch` under `mixture`, with dL/dπ in
@@ -213,17 +220,19 @@ class DeviceSearchModel {
     embed(ids, x_last, rows, stream);
     for (int l = 0; l < n_layers(); ++l) {
       attention_block(c, l, x_last, masks_[std::size_t(l)], /*teacher=*/true);
-      mlp_block(c, l, x_last, /*down=*/true);
+      mlp_block(c, l, x_last, /*down=*/true, buffers_.gate_up);
     }
     norm(final_norm_.data(), x_last, buffers_.teacher_hidden, rows, stream);
 
-    // Student, keeping every layer's input.
+    // Student, keeping every layer's input (and, when kept, its activations).
     embed(ids, layer_input(0), rows, stream);
     for (int l = 0; l < n_layers(); ++l) {
       float* const x = layer_input(l + 1);
+      const MixerContext cl = layer_context(c, l);
       copy_layer_input(x, l, rows, stream);
-      attention_block(c, l, x, masks_[std::size_t(l)], false);
-      mlp_block(c, l, x, true);
+      attention_block(cl, l, x, masks_[std::size_t(l)], false);
+      if (activations_ == Activations::kept) copy_rows(buffers_.kept_residual[std::size_t(l)], x, rows, stream);
+      mlp_block(cl, l, x, true, gate_up_of(l));
     }
     norm(final_norm_.data(), x_last, buffers_.student_hidden, rows, stream);
 
@@ -234,7 +243,7 @@ class DeviceSearchModel {
     // Backward.
     norm_backward(x_last, final_norm_.data(), buffers_.d_hidden, false, rows, stream);
     for (int l = n_layers() - 1; l >= 0; --l)
-      layer_backward(c, l, pi + l * n_ops(), masks_[std::size_t(l)], grad_ + l * n_ops());
+      layer_backward(layer_context(c, l), l, pi + l * n_ops(), masks_[std::size_t(l)], grad_ + l * n_ops());
   }
 
   // The teacher's final hidden states of `batch` sequences of `length` device ids, into
@@ -247,7 +256,7 @@ class DeviceSearchModel {
     embed(ids, x, batch * length, stream);
     for (int l = 0; l < n_layers(); ++l) {
       attention_block(c, l, x, OpMask{}, /*teacher=*/true);
-      mlp_block(c, l, x, /*down=*/true);
+      mlp_block(c, l, x, /*down=*/true, buffers_.gate_up);
     }
     norm(final_norm_.data(), x, buffers_.teacher_hidden, batch * length, stream);
   }
@@ -328,7 +337,7 @@ class DeviceSearchModel {
       layer.mixer.forward(c, buffers_.normed, a, OpMask{}, /*teacher=*/true);
       f(l, c, static_cast<const bfloat16*>(buffers_.normed), static_cast<const float*>(a));
       add_into(x, a, rows * config_.d_model, stream);
-      mlp_block(c, l, x, /*down=*/true);
+      mlp_block(c, l, x, /*down=*/true, buffers_.gate_up);
     }
   }
 
@@ -378,6 +387,9 @@ class DeviceSearchModel {
     bfloat16* dx_rounded = nullptr;     // [rows, d]
     bfloat16* d_normed = nullptr;       // [rows, d]
     MixerBuffers mixer;
+    std::vector<MixerBuffers> kept_mixer;  // [L]: each layer's mixer activations (kept)
+    std::vector<bfloat16*> kept_gate_up;   // [L]: [rows, 2·d_ff] (kept)
+    std::vector<float*> kept_residual;     // [L]: r = x_l + mixer, [rows, d] (kept)
     std::uint8_t* scratch = nullptr;    // the operators' kernels
     std::uint8_t* gemm = nullptr;
     std::uint8_t* loss = nullptr;
@@ -399,6 +411,13 @@ class DeviceSearchModel {
     carve(buffers_.dx_rounded, rows * d, "dx bf16");
     carve(buffers_.d_normed, rows * d, "d normed");
     buffers_.mixer.carve(carve, widths_, max_tokens_);
+    const std::size_t kept = activations_ == Activations::kept ? std::size_t(n_layers()) : 0;
+    buffers_.kept_mixer.resize(kept), buffers_.kept_gate_up.resize(kept), buffers_.kept_residual.resize(kept);
+    for (std::size_t l = 0; l < kept; ++l) {
+      buffers_.kept_mixer[l].carve_forward(carve, widths_, max_tokens_);
+      carve(buffers_.kept_gate_up[l], rows * 2 * d_ff, "kept gate|up");
+      carve(buffers_.kept_residual[l], rows * d, "kept residual");
+    }
     carve(buffers_.scratch, scratch_bytes_, "operator scratch");
     carve(buffers_.gemm, gemm_.workspace_bytes(), "gemm workspace");
     carve(buffers_.loss, loss_bytes_, "lm loss workspace");
@@ -456,7 +475,7 @@ class DeviceSearchModel {
     embed(ids, x, rows, stream);
     for (int l = 0; l < n_layers(); ++l) {
       attention_block(c, l, x, masks_[std::size_t(l)], false);
-      mlp_block(c, l, x, true);
+      mlp_block(c, l, x, true, buffers_.gate_up);
     }
     norm(final_norm_.data(), x, buffers_.student_hidden, rows, stream);
   }
@@ -511,6 +530,26 @@ class DeviceSearchModel {
     return c;
   }
 
+  // c with layer l's own forward activations where they are kept.
+  MixerContext layer_context(const MixerContext& c, int l) const {
+    if (activations_ != Activations::kept) return c;
+    MixerContext cl = c;
+    cl.buffers = c.buffers.with_forward_of(buffers_.kept_mixer[std::size_t(l)]);
+    return cl;
+  }
+
+  bfloat16* gate_up_of(int l) const {
+    return activations_ == Activations::kept ? buffers_.kept_gate_up[std::size_t(l)] : buffers_.gate_up;
+  }
+
+  void copy_rows(float* to, const float* from, index_t rows, cudaStream_t stream) {
+    timed(timer_, "copy layer input", stream, [&] {
+      check(cudaMemcpyAsync(to, from, std::size_t(rows) * std::size_t(config_.d_model) * sizeof(float),
+                            cudaMemcpyDeviceToDevice, stream),
+            "DeviceSearchModel: copy rows");
+    });
+  }
+
   float* layer_input(int l) const {
     return buffers_.layer_inputs + std::size_t(l) * std::size_t(max_tokens_) * std::size_t(config_.d_model);
   }
@@ -522,13 +561,7 @@ class DeviceSearchModel {
     });
   }
 
-  void copy_layer_input(float* to, int l, index_t rows, cudaStream_t stream) {
-    timed(timer_, "copy layer input", stream, [&] {
-      check(cudaMemcpyAsync(to, layer_input(l), std::size_t(rows) * std::size_t(config_.d_model) * sizeof(float),
-                            cudaMemcpyDeviceToDevice, stream),
-            "DeviceSearchModel: copy layer input");
-    });
-  }
+  void copy_layer_input(float* to, int l, index_t rows, cudaStream_t stream) { copy_rows(to, layer_input(l), rows, stream); }
 
   void norm(const bfloat16* gain, const float* x, bfloat16* y, index_t rows, cudaStream_t stream) {
     timed(timer_, "rms norm", stream, [&] {
@@ -565,17 +598,17 @@ class DeviceSearchModel {
     layer.mixer.forward(c, buffers_.normed, x, run, teacher);
   }
 
-  // n = RMSNorm(x), gate|up = n·[W_gate; W_up]ᵀ, and with `down`: x += SwiGLU·W_downᵀ.
-  void mlp_block(const MixerContext& c, int l, float* x, bool down) {
+  // n = RMSNorm(x), gate|up = n·[W_gate; W_up]ᵀ into gate_up, and with `down`: x += SwiGLU·W_downᵀ.
+  void mlp_block(const MixerContext& c, int l, float* x, bool down, bfloat16* gate_up) {
     const Layer& layer = layers_[std::size_t(l)];
     const index_t rows = c.batch * c.length, d = config_.d_model, d_ff = config_.d_ff;
     norm(layer.mlp_norm.data(), x, buffers_.normed, rows, c.stream);
-    c.linear(rows, 2 * d_ff, d, buffers_.normed, d, layer.w_gate_up.data(), d, true, nullptr, buffers_.gate_up,
-             2 * d_ff, DType::bf16, false, c.stream);
+    c.linear(rows, 2 * d_ff, d, buffers_.normed, d, layer.w_gate_up.data(), d, true, nullptr, gate_up, 2 * d_ff,
+             DType::bf16, false, c.stream);
     if (!down) return;
     timed(timer_, "swiglu", c.stream, [&] {
-      swiglu_forward({.gate = buffers_.gate_up,
-                      .up = buffers_.gate_up + d_ff,
+      swiglu_forward({.gate = gate_up,
+                      .up = gate_up + d_ff,
                       .gate_up_stride = 2 * d_ff,
                       .out = buffers_.mlp,
                       .out_stride = d_ff,
@@ -587,33 +620,38 @@ class DeviceSearchModel {
              c.stream);
   }
 
-  // dx: dL/dx_{l+1} in, dL/dx_l out; d_pi[i] = dL/dπ_li.
+  // dx: dL/dx_{l+1} in, dL/dx_l out; d_pi[i] = dL/dπ_li. c holds layer l's forward activations
+  // when they are kept; else they are recomputed here.
   void layer_backward(const MixerContext& c, int l, const float* pi, const OpMask& run, float* d_pi) {
     const Layer& layer = layers_[std::size_t(l)];
     const index_t rows = c.batch * c.length, d = config_.d_model, d_ff = config_.d_ff;
-    float* const r = buffers_.residual;
-    copy_layer_input(r, l, rows, c.stream);
-    attention_block(c, l, r, run, false);
-    mlp_block(c, l, r, false);
+    const bool kept = activations_ == Activations::kept;
+    float* const r = kept ? buffers_.kept_residual[std::size_t(l)] : buffers_.residual;
+    bfloat16* const gate_up = gate_up_of(l);
+    if (!kept) {
+      copy_layer_input(r, l, rows, c.stream);
+      attention_block(c, l, r, run, false);
+      mlp_block(c, l, r, false, gate_up);
+    }
 
     // Through the MLP: dn2 = (SwiGLU'ᵀ (dx·W_down))·[W_gate; W_up], then the second norm into dx.
     round(buffers_.dx, buffers_.dx_rounded, rows, c.stream);
     c.linear(rows, d_ff, d, buffers_.dx_rounded, d, layer.w_down.data(), d_ff, false, nullptr, buffers_.mlp, d_ff,
              DType::bf16, false, c.stream);
     timed(timer_, "swiglu backward", c.stream, [&] {
-      swiglu_backward({.gate = buffers_.gate_up,
-                       .up = buffers_.gate_up + d_ff,
+      swiglu_backward({.gate = gate_up,
+                       .up = gate_up + d_ff,
                        .gate_up_stride = 2 * d_ff,
                        .d_out = buffers_.mlp,
                        .d_out_stride = d_ff,
-                       .d_gate = buffers_.gate_up,
-                       .d_up = buffers_.gate_up + d_ff,
+                       .d_gate = gate_up,
+                       .d_up = gate_up + d_ff,
                        .d_gate_up_stride = 2 * d_ff,
                        .rows = rows,
                        .d_ff = int(d_ff)},
                       c.stream);
     });
-    c.linear(rows, d, 2 * d_ff, buffers_.gate_up, 2 * d_ff, layer.w_gate_up.data(), d, false, nullptr,
+    c.linear(rows, d, 2 * d_ff, gate_up, 2 * d_ff, layer.w_gate_up.data(), d, false, nullptr,
              buffers_.d_normed, d, DType::bf16, false, c.stream);
     norm_backward(r, layer.mlp_norm.data(), buffers_.d_normed, true, rows, c.stream);
 
@@ -630,6 +668,7 @@ class DeviceSearchModel {
 
   dash::model::Config config_;
   index_t max_tokens_, max_length_;
+  Activations activations_;
   DeviceTensor<bfloat16> embedding_, lm_head_, final_norm_;
   std::vector<Layer> layers_;
   std::optional<RopeTable> rope_;
