@@ -19,7 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -255,13 +255,10 @@ void check_teacher(const std::string& what, DeviceModel& m, const test::SearchRe
 
 TEST_CASE("eval scoring on stories260K: KL, NLL and next tokens of discrete architectures match the CPU") {
   if (!test::gpu_available()) return;
-  const auto checkpoint = test::fixtures() / "stories260K" / "stories260K.bin";
-  if (!std::filesystem::exists(checkpoint)) {
-    MESSAGE("stories260K not found under ", test::fixtures().string(), " (set DASH_FIXTURES): skipping");
-    return;
-  }
+  const std::optional<io::Checkpoint> stories = test::stories260k();
+  if (!stories) return;
   Rng rng = test::rng_for("eval scoring stories260K");
-  const io::Checkpoint ckpt = io::read_llama2c(checkpoint);
+  const io::Checkpoint& ckpt = *stories;
   SlidingWindow<> swa(16 + index_t(rng.below(16)), index_t(rng.below(3)));
   const test::SearchReference ref =
       test::make_search_reference(ckpt.config, ckpt.weights, rng, swa, GatedLinear{}, GatedDeltaNet{});

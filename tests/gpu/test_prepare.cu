@@ -15,7 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -181,13 +181,10 @@ void check_gradients(const std::string& what, DeviceModel& device, const test::S
 
 TEST_CASE("prepare gradients on stories260K: every candidate parameter matches the CPU in float64") {
   if (!test::gpu_available()) return;
-  const auto checkpoint = test::fixtures() / "stories260K" / "stories260K.bin";
-  if (!std::filesystem::exists(checkpoint)) {
-    MESSAGE("stories260K not found under ", test::fixtures().string(), " (set DASH_FIXTURES): skipping");
-    return;
-  }
+  const std::optional<io::Checkpoint> stories = test::stories260k();
+  if (!stories) return;
   Rng rng = test::rng_for("prepare gradients stories260K");
-  const io::Checkpoint ckpt = io::read_llama2c(checkpoint);
+  const io::Checkpoint& ckpt = *stories;
   const index_t B = 2, T = 65 + index_t(rng.below(64));
   const test::SearchReference ref =
       test::make_search_reference(ckpt.config, ckpt.weights, rng, SlidingWindow<>(16), GatedLinear{}, GatedDeltaNet{});
@@ -218,13 +215,10 @@ TEST_CASE("prepare gradients on a random config: GQA, q/k/v bias, GatedLinear wi
 
 TEST_CASE("prepare on stories260K: errors match the CPU, fall with training, and survive the write-back") {
   if (!test::gpu_available()) return;
-  const auto checkpoint = test::fixtures() / "stories260K" / "stories260K.bin";
-  if (!std::filesystem::exists(checkpoint)) {
-    MESSAGE("stories260K not found under ", test::fixtures().string(), " (set DASH_FIXTURES): skipping");
-    return;
-  }
+  const std::optional<io::Checkpoint> stories = test::stories260k();
+  if (!stories) return;
   Rng rng = test::rng_for("prepare training stories260K");
-  const io::Checkpoint ckpt = io::read_llama2c(checkpoint);
+  const io::Checkpoint& ckpt = *stories;
   const index_t B = 4, T = 128;
   test::SearchReference ref =
       test::make_search_reference(ckpt.config, ckpt.weights, rng, SlidingWindow<>(16), GatedLinear{}, GatedDeltaNet{});

@@ -29,7 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <filesystem>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -224,13 +224,10 @@ Errors check_step(const std::string& what, const GpuStep& got, const test::Searc
 
 TEST_CASE("search step on stories260K: KL, dL/dpi, hidden states and dL/dx0 match the CPU in float64") {
   if (!test::gpu_available()) return;
-  const auto checkpoint = test::fixtures() / "stories260K" / "stories260K.bin";
-  if (!std::filesystem::exists(checkpoint)) {
-    MESSAGE("stories260K not found under ", test::fixtures().string(), " (set DASH_FIXTURES): skipping");
-    return;
-  }
+  const std::optional<io::Checkpoint> stories = test::stories260k();
+  if (!stories) return;
   Rng rng = test::rng_for("search step stories260K");
-  const io::Checkpoint ckpt = io::read_llama2c(checkpoint);
+  const io::Checkpoint& ckpt = *stories;
   const index_t B = 2, T = 65;
   SlidingWindow<> swa(16 + index_t(rng.below(16)), index_t(rng.below(3)));
   const test::SearchReference ref =

@@ -6,13 +6,17 @@
 // sensitive an output is to bf16 rounding and bound the GPU's error by it.
 #pragma once
 
+#include <doctest/doctest.h>
+
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <tuple>
 #include <utility>
 
 #include "dash/core/dtype.hpp"
 #include "dash/core/rng.hpp"
+#include "dash/io/llama2c.hpp"
 #include "dash/mixed_attention.hpp"
 #include "dash/model/decoder.hpp"
 #include "dash/ops/gated_delta_net.hpp"
@@ -27,6 +31,16 @@ namespace dash::test {
 inline std::filesystem::path fixtures() {
   if (const char* env = std::getenv("DASH_FIXTURES")) return env;
   return std::filesystem::path(__FILE__).parent_path().parent_path() / "fixtures";
+}
+
+// stories260K from the fixtures; nothing, with a message that the test skips, where it is missing.
+inline std::optional<io::Checkpoint> stories260k() {
+  const auto path = fixtures() / "stories260K" / "stories260K.bin";
+  if (!std::filesystem::exists(path)) {
+    MESSAGE("stories260K not found under ", fixtures().string(), " (set DASH_FIXTURES): skipping");
+    return std::nullopt;
+  }
+  return io::read_llama2c(path);
 }
 
 using CpuSearchDecoder = MixedDecoder<double, Softmax, SlidingWindow<>, GatedLinear, GatedDeltaNet>;
