@@ -4,7 +4,7 @@
 # the selector baselines. Results land in runs/smollm2/.
 #   With a GPU (nvcc found at build time and nvidia-smi sees a device): the settings of the search
 #   results in README.md — ops softmax, swa:512, gla, gdn; 4096-token windows of the 233 State of
-#   the Union addresses (2000–2021 held out); straight-through relaxation; about two minutes.
+#   the Union addresses (2000–2021 held out); straight-through relaxation; a minute on an H200.
 #   Without: a small CPU run on the three addresses of data/sotu (ops softmax, swa:64, gla).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" release
