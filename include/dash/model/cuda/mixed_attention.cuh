@@ -24,11 +24,15 @@
 //   own:    the mixer's backward to dq, dk, dv and the gates; inverse RoPE (GatedLinear with
 //           rope); dz through the gates, all into one fused [dq | dk | dv | dz];
 //           dh += [dq | dk | dv | dz]·[Wq; Wk; Wv; W_gates]      one GEMM
-// dh is fp32. Weights are frozen: no weight gradients. With a StepTimer in the context every
-// GEMM and every kernel group is enqueued between CUDA events (the benchmark's profile).
+// dh is fp32. The search freezes every weight; candidate preparation (prepare.cuh) trains the own
+// operators' weights through own_output and own_weight_gradients, one operator alone:
+//   d_W_in = [dq | dk | dv | dz]ᵀ·h,   d_Wo = dyᵀ·a,   the biases' gradients column sums.
+// With a StepTimer in the context every GEMM and every kernel group is enqueued between CUDA
+// events (the benchmark's profile).
 //
 // The layer owns its weights (bf16; gate biases fp32) and π-scaled copies; the activations
-// (MixerBuffers) belong to the caller, one set for every layer, sized by MixerWidths. Operator
+// (MixerBuffers) belong to the caller, one set for all layers or one per layer (kept for the
+// backward, search_model.cuh), sized by MixerWidths. Operator
 // options are honoured as the CPU reads them: SlidingWindow's window and sinks; GatedLinear's
 // kv_heads, gate_normaliser, scale and rope; GatedDeltaNet's gate_normaliser, scale, norm_eps and
 // state heads. The form and chunk of GatedLinear and GatedDeltaNet choose how the CPU evaluates
