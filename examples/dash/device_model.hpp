@@ -17,6 +17,13 @@
 
 namespace dash::tool {
 
+#ifndef DASH_TOOL_CUDA
+// What every make_cuda_* says in a build without CUDA.
+[[noreturn]] inline void fail_without_cuda() {
+  fail("--device cuda: this build of dash has no CUDA (configure with a CUDA compiler and CMake >= 3.28); use --device cpu");
+}
+#endif
+
 // search::CandidatePreparation's steps on a GPU; write_back copies the trained candidates into
 // the decoder the preparation was made from.
 class DevicePreparation {
@@ -35,7 +42,7 @@ std::unique_ptr<DevicePreparation> make_cuda_preparation(const SearchDecoder& de
 #else
 inline std::unique_ptr<DevicePreparation> make_cuda_preparation(const SearchDecoder&, std::vector<bool>,
                                                                 search::PrepareOptions, index_t, index_t) {
-  fail("--device cuda: this build of dash has no CUDA (configure with a CUDA compiler and CMake >= 3.28); use --device cpu");
+  fail_without_cuda();
 }
 #endif
 
@@ -54,7 +61,7 @@ class DeviceSearchStep {
 std::unique_ptr<DeviceSearchStep> make_cuda_search_step(const SearchDecoder& decoder, index_t batch, index_t length);
 #else
 inline std::unique_ptr<DeviceSearchStep> make_cuda_search_step(const SearchDecoder&, index_t, index_t) {
-  fail("--device cuda: this build of dash has no CUDA (configure with a CUDA compiler and CMake >= 3.28); use --device cpu");
+  fail_without_cuda();
 }
 #endif
 
@@ -83,7 +90,7 @@ class DeviceScorer {
 std::unique_ptr<DeviceScorer> make_cuda_scorer(const SearchDecoder& decoder, index_t max_tokens, index_t max_length);
 #else
 inline std::unique_ptr<DeviceScorer> make_cuda_scorer(const SearchDecoder&, index_t, index_t) {
-  fail("--device cuda: this build of dash has no CUDA (configure with a CUDA compiler and CMake >= 3.28); use --device cpu");
+  fail_without_cuda();
 }
 #endif
 
