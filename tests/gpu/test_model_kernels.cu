@@ -170,57 +170,58 @@ TEST_CASE("rope on q and k of a fused QKV buffer matches RopeTable; backward und
   for (auto style : {RopeConfig::Style::interleaved, RopeConfig::Style::half})
     for (int d_head : {2, 8, 40, 64, 128})
       for (index_t length : {index_t(1), index_t(7), index_t(130)})
-        for (index_t offset : {index_t(0), index_t(5)}) {
-          const int batch = 2, n_q = 4, n_kv = 2, width = (n_q + 2 * n_kv) * d_head;
-          const RopeConfig rope{style, 10000.0};
-          auto qkv = random_operand<bfloat16>(Shape{batch, length, width}, rng);
-          // Reference: q and k as [B, T, H, D] copies, rotated by the CPU table.
-          Tensor<double> q(Shape{batch, length, n_q, d_head}), k(Shape{batch, length, n_kv, d_head});
-          for (index_t b = 0; b < batch; ++b)
-            for (index_t t = 0; t < length; ++t)
-              for (int c = 0; c < width; ++c) {
-                const double v = qkv.host(b, t, c);
-                if (c < n_q * d_head)
-                  q(b, t, c / d_head, c % d_head) = v;
-                else if (c < (n_q + n_kv) * d_head)
-                  k(b, t, (c - n_q * d_head) / d_head, c % d_head) = v;
-              }
-          const dash::RopeTable reference(rope, d_head, offset, length);
-          reference.apply<double>(q.view());
-          reference.apply<double>(k.view());
-          Tensor<double> want = clone(qkv.host.view());
-          for (index_t b = 0; b < batch; ++b)
-            for (index_t t = 0; t < length; ++t)
-              for (int c = 0; c < (n_q + n_kv) * d_head; ++c)
-                want(b, t, c) = c < n_q * d_head ? q(b, t, c / d_head, c % d_head)
-                                                 : k(b, t, (c - n_q * d_head) / d_head, c % d_head);
+        for (index_t offset : {index_t(0), index_t(5)})
+          for (int pad : {0, 1}) {  // a padded token row leaves the 16-byte vectors for scalar moves
+            const int batch = 2, n_q = 4, n_kv = 2, width = (n_q + 2 * n_kv) * d_head + pad;
+            const RopeConfig rope{style, 10000.0};
+            auto qkv = random_operand<bfloat16>(Shape{batch, length, width}, rng);
+            // Reference: q and k as [B, T, H, D] copies, rotated by the CPU table.
+            Tensor<double> q(Shape{batch, length, n_q, d_head}), k(Shape{batch, length, n_kv, d_head});
+            for (index_t b = 0; b < batch; ++b)
+              for (index_t t = 0; t < length; ++t)
+                for (int c = 0; c < width; ++c) {
+                  const double v = qkv.host(b, t, c);
+                  if (c < n_q * d_head)
+                    q(b, t, c / d_head, c % d_head) = v;
+                  else if (c < (n_q + n_kv) * d_head)
+                    k(b, t, (c - n_q * d_head) / d_head, c % d_head) = v;
+                }
+            const dash::RopeTable reference(rope, d_head, offset, length);
+            reference.apply<double>(q.view());
+            reference.apply<double>(k.view());
+            Tensor<double> want = clone(qkv.host.view());
+            for (index_t b = 0; b < batch; ++b)
+              for (index_t t = 0; t < length; ++t)
+                for (int c = 0; c < (n_q + n_kv) * d_head; ++c)
+                  want(b, t, c) = c < n_q * d_head ? q(b, t, c / d_head, c % d_head)
+                                                   : k(b, t, (c - n_q * d_head) / d_head, c % d_head);
 
-          const cm::RopeTable table(rope, d_head, offset + length + 3);
-          cm::RopeParams p;
-          p.q = qkv.device.data(), p.n_q_heads = n_q;
-          p.k = qkv.device.data() + n_q * d_head, p.n_k_heads = n_kv;
-          p.batch = batch, p.length = length;
-          p.batch_stride = length * width, p.token_stride = width;
-          p.position_offset = offset;
-          p.table = table.view();
-          cm::rope(p, nullptr);
-          const Tensor<double> got = cuda::to_host_double(qkv.device);
-          const double error = test::relative_l2(got, want);
-          INFO("rope ", style == RopeConfig::Style::half ? "half" : "interleaved", " d_head ", d_head, " T ", length,
-               " offset ", offset);
-          CHECK(error <= test::bf16_tolerance);
-          bool v_untouched = true;
-          for (index_t b = 0; b < batch; ++b)
-            for (index_t t = 0; t < length; ++t)
-              for (int c = (n_q + n_kv) * d_head; c < width; ++c) v_untouched &= got(b, t, c) == qkv.host(b, t, c);
-          CHECK(v_untouched);
-          p.inverse = true;
-          cm::rope(p, nullptr);
-          const double identity = test::relative_l2(cuda::to_host_double(qkv.device), qkv.host);
-          CHECK(identity <= test::bf16_tolerance);
-          worst_forward = std::max(worst_forward, error);
-          worst_identity = std::max(worst_identity, identity);
-        }
+            const cm::RopeTable table(rope, d_head, offset + length + 3);
+            cm::RopeParams p;
+            p.q = qkv.device.data(), p.n_q_heads = n_q;
+            p.k = qkv.device.data() + n_q * d_head, p.n_k_heads = n_kv;
+            p.batch = batch, p.length = length;
+            p.batch_stride = length * width, p.token_stride = width;
+            p.position_offset = offset;
+            p.table = table.view();
+            cm::rope(p, nullptr);
+            const Tensor<double> got = cuda::to_host_double(qkv.device);
+            const double error = test::relative_l2(got, want);
+            INFO("rope ", style == RopeConfig::Style::half ? "half" : "interleaved", " d_head ", d_head, " T ", length,
+                 " offset ", offset, " pad ", pad);
+            CHECK(error <= test::bf16_tolerance);
+            bool v_untouched = true;
+            for (index_t b = 0; b < batch; ++b)
+              for (index_t t = 0; t < length; ++t)
+                for (int c = (n_q + n_kv) * d_head; c < width; ++c) v_untouched &= got(b, t, c) == qkv.host(b, t, c);
+            CHECK(v_untouched);
+            p.inverse = true;
+            cm::rope(p, nullptr);
+            const double identity = test::relative_l2(cuda::to_host_double(qkv.device), qkv.host);
+            CHECK(identity <= test::bf16_tolerance);
+            worst_forward = std::max(worst_forward, error);
+            worst_identity = std::max(worst_identity, identity);
+          }
   MESSAGE("rope worst relative L2: forward ", worst_forward, ", backward∘forward vs identity ", worst_identity);
 }
 

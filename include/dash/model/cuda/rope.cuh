@@ -14,6 +14,7 @@
 
 #include "dash/core/cuda.hpp"
 #include "dash/core/error.hpp"
+#include "dash/model/cuda/vector_io.cuh"
 #include "dash/ops/attention.hpp"
 
 namespace dash::cuda::model {
@@ -74,29 +75,79 @@ struct RopeParams {
 
 namespace detail {
 
-template <RopeConfig::Style kStyle>
-__global__ void rope_kernel(RopeParams p) {
-  const int pairs = p.table.d_head / 2, heads = p.n_q_heads + p.n_k_heads;
-  const index_t total = index_t(p.batch) * p.length * heads * pairs;
-  const float sign = p.inverse ? -1.0f : 1.0f;
-  for (index_t idx = index_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += index_t(gridDim.x) * blockDim.x) {
-    const int i = int(idx % pairs);
-    index_t rest = idx / pairs;
-    const int h = int(rest % heads);
-    rest /= heads;
-    const index_t t = rest % p.length, b = rest / p.length;
-    bfloat16* head = (h < p.n_q_heads ? p.q + index_t(h) * p.table.d_head
-                                      : p.k + index_t(h - p.n_q_heads) * p.table.d_head) +
-                     b * p.batch_stride + t * p.token_stride;
-    const int ia = kStyle == RopeConfig::Style::interleaved ? 2 * i : i;
-    const int ib = kStyle == RopeConfig::Style::interleaved ? 2 * i + 1 : i + pairs;
-    const index_t at = (p.position_offset + t) * pairs + i;
-    const float c = p.table.cos[at], s = sign * p.table.sin[at];
-    const float xa = __bfloat162float(head[ia]), xb = __bfloat162float(head[ib]);
-    head[ia] = __float2bfloat16_rn(xa * c - xb * s);
-    head[ib] = __float2bfloat16_rn(xa * s + xb * c);
+// One thread rotates kWidth consecutive pairs of one head of one token: with kWidth = 8 its
+// elements move as 16-byte vectors (two per side), which needs every head start 16-byte aligned
+// and d_head / 2 a multiple of 8 (rope_vector_width); kWidth = 1 takes any layout.
+template <RopeConfig::Style kStyle, int kWidth>
+__global__ void __launch_bounds__(256) rope_kernel(RopeParams p) {
+  const int pairs = p.table.d_head / 2, heads = p.n_q_heads + p.n_k_heads, groups = pairs / kWidth;
+  const index_t idx = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const index_t total = index_t(p.batch) * p.length * heads * groups;
+  if (idx >= total) return;
+  const int slot = int(idx % (heads * groups)), h = slot / groups, i = (slot % groups) * kWidth;
+  const index_t row = idx / (heads * groups), t = row % p.length, b = row / p.length;
+  bfloat16* head = (h < p.n_q_heads ? p.q + index_t(h) * p.table.d_head
+                                    : p.k + index_t(h - p.n_q_heads) * p.table.d_head) +
+                   b * p.batch_stride + t * p.token_stride;
+  const index_t at = (p.position_offset + t) * pairs + i;
+  float c[kWidth], s[kWidth], xa[kWidth], xb[kWidth];
+  load_vector(p.table.cos + at, c);
+  load_vector(p.table.sin + at, s);
+  if constexpr (kStyle == RopeConfig::Style::half) {
+    load_vector(head + i, xa);
+    load_vector(head + i + pairs, xb);
+  } else {
+    // Interleaved: pair j is elements (2j, 2j + 1); kWidth pairs span two vectors.
+    float x[2 * kWidth];
+    if constexpr (kWidth == 1) {
+      x[0] = __bfloat162float(head[2 * i]), x[1] = __bfloat162float(head[2 * i + 1]);
+    } else {
+      load_vector(head + 2 * i, reinterpret_cast<float(&)[kWidth]>(x[0]));
+      load_vector(head + 2 * i + kWidth, reinterpret_cast<float(&)[kWidth]>(x[kWidth]));
+    }
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) xa[j] = x[2 * j], xb[j] = x[2 * j + 1];
   }
+  const float sign = p.inverse ? -1.0f : 1.0f;
+  float ya[kWidth], yb[kWidth];
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) {
+    ya[j] = xa[j] * c[j] - sign * xb[j] * s[j];
+    yb[j] = sign * xa[j] * s[j] + xb[j] * c[j];
+  }
+  if constexpr (kStyle == RopeConfig::Style::half) {
+    store_vector(head + i, ya);
+    store_vector(head + i + pairs, yb);
+  } else {
+    float y[2 * kWidth];
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) y[2 * j] = ya[j], y[2 * j + 1] = yb[j];
+    if constexpr (kWidth == 1) {
+      head[2 * i] = __float2bfloat16_rn(y[0]), head[2 * i + 1] = __float2bfloat16_rn(y[1]);
+    } else {
+      store_vector(head + 2 * i, reinterpret_cast<const float(&)[kWidth]>(y[0]));
+      store_vector(head + 2 * i + kWidth, reinterpret_cast<const float(&)[kWidth]>(y[kWidth]));
+    }
+  }
+}
+
+// 8 when every head of q and k starts 16-byte aligned and a head's half is whole vectors.
+inline int rope_vector_width(const RopeParams& p) {
+  const bool q_ok = p.n_q_heads == 0 || aligned_rows(p.q, p.token_stride, p.table.d_head);
+  const bool k_ok = p.n_k_heads == 0 || aligned_rows(p.k, p.token_stride, p.table.d_head);
+  const bool batch_ok = (p.batch_stride * index_t(sizeof(bfloat16))) % 16 == 0;
+  return q_ok && k_ok && batch_ok && (p.table.d_head / 2) % 8 == 0 ? 8 : 1;
+}
+
+template <RopeConfig::Style kStyle>
+void launch_rope(const RopeParams& p, cudaStream_t stream) {
+  const int width = rope_vector_width(p), block = 256;
+  const index_t threads = index_t(p.batch) * p.length * (p.n_q_heads + p.n_k_heads) * (p.table.d_head / 2 / width);
+  const auto grid = unsigned((threads + block - 1) / block);
+  if (width == 8)
+    rope_kernel<kStyle, 8><<<grid, block, 0, stream>>>(p);
+  else
+    rope_kernel<kStyle, 1><<<grid, block, 0, stream>>>(p);
 }
 
 }  // namespace detail
@@ -121,13 +172,12 @@ inline void rope(const RopeParams& p, cudaStream_t stream) {
   require(t.cos && t.sin, "rope: the table has no device data");
   require(p.position_offset + p.length <= t.positions, "rope: positions [", p.position_offset, ", ",
           p.position_offset + p.length, ") exceed the table's ", t.positions);
-  const index_t total = index_t(p.batch) * p.length * (p.n_q_heads + p.n_k_heads) * (t.d_head / 2);
-  const int block = 256;
-  const unsigned grid = unsigned(std::min<index_t>((total + block - 1) / block, index_t(1) << 20));
+  require(index_t(p.batch) * p.length * (p.n_q_heads + p.n_k_heads) * (t.d_head / 2) < (index_t(1) << 40),
+          "rope: ", p.batch, " × ", p.length, " tokens of ", p.n_q_heads + p.n_k_heads, " heads exceed one launch");
   if (t.style == RopeConfig::Style::interleaved)
-    detail::rope_kernel<RopeConfig::Style::interleaved><<<grid, block, 0, stream>>>(p);
+    detail::launch_rope<RopeConfig::Style::interleaved>(p, stream);
   else
-    detail::rope_kernel<RopeConfig::Style::half><<<grid, block, 0, stream>>>(p);
+    detail::launch_rope<RopeConfig::Style::half>(p, stream);
   check(cudaGetLastError(), "rope launch");
 }
 
