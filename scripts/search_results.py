@@ -38,7 +38,7 @@ END = "<!-- search-results:end -->"
 # Settings that decide what a run computes: a folder keeps the ones it was started with.
 SETTINGS = ("model", "tokenizer", "data", "eval_data", "ops", "device", "tokens", "prepare_tokens",
             "eval_tokens", "seq_len", "batch", "context", "seed", "retrieval_contexts",
-            "retrieval_prompts", "random_baselines", "relaxation", "lr", "prepare_lr")
+            "retrieval_prompts", "random_baselines", "relaxation", "lr", "prepare_lr", "copy_fraction")
 BASELINES = ("even", "first-K", "last-K", "random", "kl-guided")
 
 
@@ -91,7 +91,7 @@ def dash_options(a):
                         ("--seq-len", a.seq_len), ("--batch", a.batch), ("--context", a.context),
                         ("--retrieval-prompts", a.retrieval_prompts),
                         ("--random-baselines", a.random_baselines), ("--relaxation", a.relaxation),
-                        ("--lr", a.lr), ("--prepare-lr", a.prepare_lr)):
+                        ("--lr", a.lr), ("--prepare-lr", a.prepare_lr), ("--copy-fraction", a.copy_fraction)):
         if value is not None:
             opts += [flag, str(value)]
     opts += ["--ops", a.ops, "--device", a.device, "--tokens", str(a.tokens), "--seed", str(a.seed),
@@ -550,6 +550,8 @@ def main():
     r.add_argument("--relaxation", help="softmax, gumbel or straight-through (the tool's default: softmax)")
     r.add_argument("--lr", type=float, help="Adam's step on the architecture logits")
     r.add_argument("--prepare-lr", type=float, help="Adam's peak step in candidate preparation")
+    r.add_argument("--copy-fraction", type=float,
+                   help="share of calibration sequences whose second half repeats the first (search and KL-guided)")
     r.add_argument("--commit", help="the commit being run, where the checkout has no git metadata")
     r.add_argument("--out", required=True, help="results folder, e.g. runs/search-results/smollm2")
     g = commands.add_parser("render", help="README section and figure from a run's folder")

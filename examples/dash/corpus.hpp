@@ -127,6 +127,22 @@ inline std::vector<int> random_windows(const std::vector<int>& stream, std::uint
   return ids;
 }
 
+// Sequences whose second half repeats their first (each of `batch` rows with probability
+// `fraction`, drawn from (seed, step)): predicting the repeat takes retrieval across half the
+// sequence, which prose alone rarely asks of a model, so a calibration batch with some of them
+// tells layers that retrieve from far back from layers that only see nearby tokens.
+inline void repeat_halves(std::vector<int>& ids, index_t batch, index_t length, double fraction, std::uint64_t seed,
+                          std::int64_t step) {
+  if (fraction <= 0) return;
+  Rng rng(seed ^ (0x9e3779b97f4a7c15ull * std::uint64_t(step + 2)));
+  const index_t half = length / 2;
+  for (index_t b = 0; b < batch; ++b) {
+    if (rng.uniform() >= fraction) continue;
+    const auto row = ids.begin() + long(b * length);
+    std::copy(row, row + long(half), row + long(length - half));
+  }
+}
+
 // Consecutive windows of length + 1 tokens (inputs and next-token targets), at most `tokens`
 // predicted tokens in all, grouped `batch` to a row.
 inline std::vector<std::vector<int>> consecutive_windows(const std::vector<int>& stream, index_t length, index_t batch,

@@ -116,7 +116,9 @@ inline int run_eval(Workspace& ws) {
   const SearchModel model = ws.model();
   const index_t T = ws.seq_len;
   const auto held_windows = consecutive_windows(ws.corpus.held_out, T, 1, ws.args.eval_tokens);
-  const auto calib_windows = consecutive_windows(ws.corpus.calibration, T, 1, std::min(ws.args.eval_tokens, 4 * T));
+  auto calib_windows = consecutive_windows(ws.corpus.calibration, T, 1, std::min(ws.args.eval_tokens, 4 * T));
+  for (std::size_t i = 0; i < calib_windows.size(); ++i)  // KL-guided reads what the search read
+    repeat_halves(calib_windows[i], 1, T, ws.args.copy_fraction, ws.args.seed + 3, std::int64_t(i));
   require(!held_windows.empty(), "eval: the held-out text has fewer than seq_len + 1 = ", T + 1, " tokens");
 
   // Prompts per task and context; a context too short for a task's question is left out.

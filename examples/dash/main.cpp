@@ -45,6 +45,9 @@ void add_search_options(CLI::App* cmd, dash::tool::SearchArgs& a) {
   cmd->add_option("--relaxation", a.relaxation, "softmax, gumbel or straight-through")->capture_default_str();
   cmd->add_option("--lr", a.lr, "Adam's step on the architecture logits")->capture_default_str();
   cmd->add_option("--prepare-lr", a.prepare_lr, "Adam's peak step in candidate preparation")->capture_default_str();
+  cmd->add_option("--copy-fraction", a.copy_fraction,
+                  "share of the search's and KL-guided's calibration sequences whose second half repeats the first")
+      ->capture_default_str();
   cmd->add_option("--retrieval-contexts", a.retrieval_contexts, "context lengths of the retrieval prompts (default 256 512 1024)")
       ->delimiter(',');
   cmd->add_option("--retrieval-prompts", a.retrieval_prompts, "prompts per task and context")->capture_default_str();

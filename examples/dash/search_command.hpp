@@ -66,7 +66,7 @@ inline std::string search_signature(const Workspace& ws, const search::SearchOpt
   s << "teacher " << ws.fingerprint << "; ops " << ws.ops.to_string() << "; budget " << ws.budget.to_string()
     << "; context " << ws.context << "; batch " << ws.args.batch << " x " << ws.seq_len << "; steps " << o.steps
     << "; lr " << o.lr << "; temperature " << o.temperature_start << "-" << o.temperature_end << "; relaxation "
-    << ws.args.relaxation << "; seed " << o.seed << "; data " << ws.corpus.source << " (" << ws.corpus.calibration.size()
+    << ws.args.relaxation << "; copy fraction " << ws.args.copy_fraction << "; seed " << o.seed << "; data " << ws.corpus.source << " (" << ws.corpus.calibration.size()
     << " tokens)";
   if (std::filesystem::exists(ws.candidates_path()))
     s << "; candidates " << std::filesystem::file_size(ws.candidates_path()) << " bytes";
@@ -122,7 +122,8 @@ int run_search_with(Workspace& ws, Model& model, const std::optional<io::Candida
       return interrupted_status;
     }
     const std::int64_t step = searching.state().step;
-    const std::vector<int> ids = random_windows(ws.corpus.calibration, ws.args.seed + 2, step, B, T);
+    std::vector<int> ids = random_windows(ws.corpus.calibration, ws.args.seed + 2, step, B, T);
+    repeat_halves(ids, B, T, ws.args.copy_fraction, ws.args.seed + 3, step);
     const search::StepReport r = searching.step({ids, B, T});
     const LogRow row{step, double((step + 1) * B * T),
                      seconds_before + progress.elapsed(), r.temperature, r.kl, r.expected_cost, r.price,
@@ -175,6 +176,7 @@ int run_search_with(Workspace& ws, Model& model, const std::optional<io::Candida
         {"seq_len", T},
         {"seconds", seconds},
         {"relaxation", ws.args.relaxation},
+        {"copy_fraction", ws.args.copy_fraction},
         {"device", ws.args.device},
         {"lr", options.lr},
         {"seed", options.seed},

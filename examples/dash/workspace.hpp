@@ -40,6 +40,7 @@ struct SearchArgs {
   std::string relaxation = "softmax";
   double lr = 0.1;
   double prepare_lr = 1e-4;
+  double copy_fraction = 0;  // of the search's and KL-guided's calibration sequences (repeat_halves)
   std::vector<index_t> retrieval_contexts;  // empty: 256, 512, 1024 within the model's context
   int retrieval_prompts = 4;
   int random_baselines = 5;
@@ -85,6 +86,8 @@ inline std::unique_ptr<Workspace> open_workspace(SearchArgs args) {
   require(!ec && std::filesystem::is_directory(args.out), "--out ", args.out.string(),
           ": cannot create this folder (", ec.message(), ")");
   require(args.batch >= 1, "--batch: ", args.batch, ", expected >= 1");
+  require(args.copy_fraction >= 0 && args.copy_fraction <= 1, "--copy-fraction: ", args.copy_fraction,
+          ", expected 0 … 1");
   require(args.tokens >= 1 && args.eval_tokens >= 1 && args.prepare_tokens >= 0, "--tokens, --prepare-tokens and --eval-tokens must be positive");
   const OpSet ops = OpSet::parse(args.ops);
   const search::Budget budget = search::Budget::parse(args.budget);

@@ -59,7 +59,31 @@ check "resumed == uninterrupted (every logged step and the architecture)" \
 "$dash" search "${model[@]}" "${common[@]}" --tokens 40960 --seed 4 --out "$work/b" >/dev/null 2>&1
 check "another seed's search logs other steps" bash -c "! diff -q '$work/a.decisions' <(cut -d, -f1,4- '$work/b/search_log.csv') >/dev/null"
 
+# The same signal twice at once (what `timeout` and process-group kills deliver) is one request:
+# the search still stops at the end of its step and saves.
+mkdir -p "$work/e"
+cp "$work/a/nested/candidates.safetensors" "$work/e/"
+"$dash" search "${model[@]}" "${common[@]}" --tokens 40960 --seed 3 --out "$work/e" >"$work/e.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 400); do
+  [ -f "$work/e/search_log.csv" ] && [ "$(wc -l <"$work/e/search_log.csv")" -ge 40 ] && break
+  sleep 0.05
+done
+kill -TERM "$pid"
+kill -TERM "$pid"
+wait "$pid"
+status=$?
+check "SIGTERM twice at once exits with status 130" test "$status" -eq 130
+check "... after saving a checkpoint" grep -q "interrupted at step" "$work/e.log"
+
+# Calibration sequences that repeat their first half change what the search reads.
+"$dash" search "${model[@]}" "${common[@]}" --tokens 40960 --seed 3 --copy-fraction 1 --out "$work/b" >/dev/null 2>&1
+check "--copy-fraction 1 logs other steps than 0" bash -c "! diff -q '$work/a.decisions' <(cut -d, -f1,4- '$work/b/search_log.csv') >/dev/null"
+check "... and arch.json records it" grep -q '"copy_fraction": 1' "$work/b/arch.json"
+
 # Bad input.
+expect_error "copy fraction above 1" "--copy-fraction: 2, expected 0" \
+  search "${model[@]}" --copy-fraction 2 --out "$work/c"
 expect_error "unknown op" "unknown operator 'mamba'" search "${model[@]}" --ops softmax,mamba --out "$work/c"
 expect_error "empty op" "an empty operator name" search "${model[@]}" --ops softmax,,gla --out "$work/c"
 expect_error "budget below the cheapest architecture" "below the cheapest architecture" \
