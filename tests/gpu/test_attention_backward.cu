@@ -2,7 +2,9 @@
 // float64 Eigen reference on the same bf16-rounded inputs. The reference's backward reads the
 // o and lse the kernel reads (the float64 forward's, rounded to bf16 and to fp32), so both
 // compute the same function. Identities: a window of at least T is causal attention; GQA
-// equals MHA on repeated k and v heads, with the kv-head gradients summed over each group.
+// equals MHA on repeated k and v heads, with the kv-head gradients summed over each group;
+// every schedule of the wgmma kernel's CTAs (query heads split, blocks of sections) computes
+// the same gradients.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -24,6 +26,7 @@
 using namespace dash;
 namespace attn = dash::cuda::attention;
 using attn::BackwardKernel;
+using attn::BackwardSchedule;
 
 namespace {
 
@@ -123,6 +126,7 @@ struct Options {
   BackwardKernel kernel = BackwardKernel::automatic;
   bool fused = false;       // q, k, v (and dq, dk, dv; o, d_o) as slices of one buffer
   bool accumulate = false;  // outputs start from random values that the gradients add to
+  BackwardSchedule schedule;
 };
 
 struct Gradients {
@@ -216,7 +220,7 @@ Gradients run_device(const Problem& pr, const Options& opt, Rng& rng) {
   const std::size_t bytes = attn::backward_workspace_bytes(p);
   cuda::DeviceTensor<unsigned char> workspace(Shape{index_t(bytes)});
   test::poison(workspace);  // the kernels must initialise what they read back
-  attn::backward(p, workspace.data(), bytes, nullptr, opt.kernel);
+  attn::backward(p, workspace.data(), bytes, nullptr, opt.kernel, opt.schedule);
   cuda::check(cudaDeviceSynchronize(), "attention backward");
 
   Gradients got{unpack(*dq, dqi, c.heads()), unpack(*dk, dki, c.kv_heads), unpack(*dv, dvi, c.kv_heads)};
@@ -251,7 +255,8 @@ void check_against_reference(const Problem& pr, const Options& opt, Rng& rng, Wo
   const Gradients got = run_device(pr, opt, rng);
   const double eq = gradient_error(got.dq, pr.dq, pr.dv), ek = gradient_error(got.dk, pr.dk, pr.dv),
                ev = gradient_error(got.dv, pr.dv, pr.dv);
-  INFO(pr.c.name(), (opt.fused ? " fused" : ""), (opt.accumulate ? " accumulate" : ""));
+  INFO(pr.c.name(), (opt.fused ? " fused" : ""), (opt.accumulate ? " accumulate" : ""), " head_splits ",
+       opt.schedule.head_splits, " sections_per_block ", opt.schedule.sections_per_block);
   CHECK(eq <= test::bf16_tolerance);
   CHECK(ek <= test::bf16_tolerance);
   CHECK(ev <= test::bf16_tolerance);
@@ -357,13 +362,15 @@ TEST_CASE("attention backward: a window of at least T is causal attention") {
   for (BackwardKernel kernel : kernels())
     for (const Case& causal : {Case{1, 190, 1, 3, 64}, Case{2, 129, 2, 1, 128}}) {
       const Problem pr = make_problem(causal, rng);
-      const Gradients want = run_device(pr, {.kernel = kernel}, rng);
+      // Whole groups per CTA: dk and dv are then written once per key tile (split groups add
+      // into them with atomics, in any order, as dq sums tiles).
+      const Options whole_groups{.kernel = kernel, .schedule = {.head_splits = 1}};
+      const Gradients want = run_device(pr, whole_groups, rng);
       for (const std::int64_t window : {std::int64_t(causal.length), std::int64_t(causal.length) + 17}) {
         Problem windowed = pr;
         windowed.c.window = window;
-        const Gradients got = run_device(windowed, {.kernel = kernel}, rng);
+        const Gradients got = run_device(windowed, whole_groups, rng);
         INFO(kernel_name(kernel), " ", windowed.c.name());
-        // dk and dv are written once per key tile; dq sums tiles with atomics, in any order.
         CHECK(test::relative_difference(got.dk, want.dk) == 0);
         CHECK(test::relative_difference(got.dv, want.dv) == 0);
         CHECK(test::relative_l2(got.dq, want.dq) <= 1e-3);
@@ -407,14 +414,38 @@ TEST_CASE("attention backward with more key tiles than the GPU has SMs") {
   }
 }
 
-// Small enough for compute-sanitizer (memcheck, racecheck): every path once.
+// The wgmma kernel with a group's query heads split over 2, 4 and 8 CTAs (dk, dv through the
+// fp32 accumulators), in blocks of 1, 3 and all sections, against the reference; writing,
+// accumulating and on fused buffers.
+TEST_CASE("attention backward with a group's query heads split over CTAs") {
+  if (!test::gpu_available() || !device_is_hopper()) return;
+  Rng rng = test::rng_for("attention backward split heads");
+  const std::vector<Case> cases{{1, 333, 1, 8, 128},          {2, 130, 2, 8, 64, 50, 0}, {1, 65, 1, 8, 8, 20, 3},
+                                {1, 257, 1, 8, 40, 100, 0},   {2, 7, 1, 8, 64},          {1, 700, 2, 8, 128, 256, 0}};
+  const BackwardSchedule schedules[] = {{2, 1}, {4, 3}, {8, 0}};
+  Worst worst;
+  for (const Case& c : cases) {
+    const Problem pr = make_problem(c, rng);
+    for (const BackwardSchedule& schedule : schedules)
+      check_against_reference(pr, {.kernel = BackwardKernel::wgmma, .schedule = schedule}, rng, worst);
+    check_against_reference(pr, {.kernel = BackwardKernel::wgmma, .accumulate = true, .schedule = {4, 0}}, rng, worst);
+    check_against_reference(pr, {.kernel = BackwardKernel::wgmma, .fused = true, .schedule = {2, 2}}, rng, worst);
+  }
+  report("split heads", BackwardKernel::wgmma, worst);
+}
+
+// Small enough for compute-sanitizer (memcheck, racecheck): every path once (on the wgmma
+// kernel: split and whole groups, writing and accumulating).
 TEST_CASE("attention backward on small shapes") {
   if (!test::gpu_available()) return;
   Rng rng = test::rng_for("attention backward small");
   for (BackwardKernel kernel : kernels()) {
     Worst worst;
-    const Problem a = make_problem({1, 70, 1, 3, 64, 20, 2}, rng), b = make_problem({1, 9, 1, 1, 5}, rng);
+    const Problem a = make_problem({1, 70, 1, 3, 64, 20, 2}, rng), b = make_problem({1, 9, 1, 1, 5}, rng),
+                  c = make_problem({2, 65, 1, 8, 128, 40, 0}, rng);
     check_against_reference(a, {.kernel = kernel}, rng, worst);
+    check_against_reference(a, {.kernel = kernel, .schedule = {.head_splits = 1}}, rng, worst);
+    check_against_reference(c, {.kernel = kernel, .accumulate = true, .schedule = {4, 2}}, rng, worst);
     check_against_reference(a, {.kernel = kernel, .fused = true, .accumulate = true}, rng, worst);
     check_against_reference(b, {.kernel = kernel}, rng, worst);
     report("small", kernel, worst);
@@ -522,6 +553,24 @@ TEST_CASE("attention backward refuses overlapping sequences") {
   auto p = valid_params();
   p.q_strides.batch = 0;
   CHECK(test::contains(backward_error(p), "q_strides.batch = 0"));
+}
+
+TEST_CASE("attention backward refuses head splits that do not divide the group") {
+  const auto p = valid_params();
+  alignas(256) static unsigned char workspace[256];
+  CHECK(test::contains(test::error_of([&] {
+                         attn::backward(p, workspace, std::size_t(1) << 30, nullptr, BackwardKernel::automatic, {3, 0});
+                       }),
+                       "head_splits = 3"));
+}
+
+TEST_CASE("attention backward refuses negative sections per block") {
+  const auto p = valid_params();
+  alignas(256) static unsigned char workspace[256];
+  CHECK(test::contains(test::error_of([&] {
+                         attn::backward(p, workspace, std::size_t(1) << 30, nullptr, BackwardKernel::automatic, {0, -1});
+                       }),
+                       "sections_per_block = -1"));
 }
 
 TEST_CASE("attention backward refuses a null workspace") {

@@ -11,14 +11,21 @@
 // window's reach (to the end when it holds sink keys), and only tiles on the diagonal or the
 // window's edge are masked per element.
 //
-// Three passes (backward_common.cuh): D and a zeroed fp32 dq accumulator; the main kernel, one
-// CTA per (batch, kv head, key tile) looping over its group's query heads with dk, dv in
-// registers and dq added to the accumulator; dq scaled and rounded to bf16. The main kernel
-// is the wgmma one on sm_90 (backward_wgmma.cuh; its dq reductions go through a tensor map of
-// the accumulator, encoded per call with the driver's cuTensorMapEncodeTiled) and the
-// mma.sync one elsewhere (backward_mma.cuh).
+// Three passes (backward_common.cuh): D and zeroed fp32 accumulators; the main kernel, one
+// CTA per (batch, kv head, key tile, head split) looping over its share of the group's query
+// heads with dk, dv in registers and dq added to the accumulator; dq (and dk, dv when heads
+// were split) scaled and rounded to bf16. The main kernel is the wgmma one on sm_90
+// (backward_wgmma.cuh; its dq reductions go through a tensor map of the accumulator, encoded
+// per call with the driver's cuTensorMapEncodeTiled) and the mma.sync one elsewhere
+// (backward_mma.cuh, whole groups per CTA).
 //
-//   std::size_t bytes = backward_workspace_bytes(params);      // fp32 D and dq accumulator
+// Load balance (wgmma kernel): a causal key tile's work falls linearly along T, and under GQA
+// a CTA carries a whole group, so few, very unequal CTAs would leave SMs idle at the end.
+// The CTAs are ordered heavy first (backward_common.cuh), and when B·Hkv·(T/128) CTAs are too
+// few to even out over the SMs, the group's query heads are split over several CTAs whose
+// dk, dv meet in fp32 accumulators.
+//
+//   std::size_t bytes = backward_workspace_bytes(params);      // fp32 D and accumulators
 //   backward(params, workspace, bytes, stream);
 #pragma once
 
@@ -43,6 +50,16 @@ namespace dash::cuda::attention {
 // Which main kernel runs: `automatic` picks wgmma on compute capability 9.x and mma_sync
 // elsewhere; the others force one (wgmma needs sm_90 and code built for sm_90a).
 enum class BackwardKernel { automatic, mma_sync, wgmma };
+
+// How the wgmma kernel's CTAs share the work; 0 = chosen from the sizes and the SM count.
+// head_splits: CTAs per (batch, kv head, key tile), each taking n_heads / n_kv_heads /
+// head_splits query heads (a divisor of the group). sections_per_block: (batch, kv head,
+// split) sections per block of the heavy-first order (backward_common.cuh). The mma.sync
+// kernel ignores both.
+struct BackwardSchedule {
+  int head_splits = 0;
+  int sections_per_block = 0;
+};
 
 inline constexpr int max_backward_d_head = 128;
 
@@ -87,11 +104,54 @@ inline void check_backward_params(const BackwardParams& p) {
   check_layout(p.dv_strides, p.n_kv_heads, p, "dv_strides");
 }
 
-// Workspace: D [B, H, T] then the dq accumulator [B, H, T, dq_row], each 256-byte aligned.
+// Workspace: D [B, H, T], the dq accumulator [B, H, T, dq_row], then under GQA the dk and dv
+// accumulators [B, Hkv, T, dq_row] each, every one 256-byte aligned.
 inline int dq_row_of(const BackwardParams& p) { return (p.d_head + 7) / 8 * 8; }
 inline std::size_t aligned_bytes(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
 inline std::size_t delta_bytes(const BackwardParams& p) {
   return aligned_bytes(sizeof(float) * std::size_t(p.batch) * std::size_t(p.n_heads) * std::size_t(p.length));
+}
+inline std::size_t accumulator_bytes(const BackwardParams& p, int heads) {
+  return aligned_bytes(sizeof(float) * std::size_t(p.batch) * std::size_t(heads) * std::size_t(p.length) *
+                       std::size_t(dq_row_of(p)));
+}
+
+inline int key_tiles_of(const BackwardParams& p) { return (p.length + 127) / 128; }
+
+inline void check_schedule(const BackwardSchedule& s, const BackwardParams& p) {
+  const int group = p.n_heads / p.n_kv_heads;
+  require(s.head_splits >= 0 && (s.head_splits == 0 || group % s.head_splits == 0), "BackwardSchedule.head_splits = ",
+          s.head_splits, ", expected 0 (automatic) or a divisor of n_heads / n_kv_heads = ", group);
+  require(s.sections_per_block >= 0, "BackwardSchedule.sections_per_block = ", s.sections_per_block,
+          ", expected 0 (automatic) or >= 1");
+  const std::int64_t ctas =
+      std::int64_t(p.batch) * p.n_kv_heads * key_tiles_of(p) * std::max(1, s.head_splits);
+  require(ctas <= INT32_MAX, "attention backward: batch·n_kv_heads·ceil(length / 128)·head_splits = ", ctas,
+          ", expected <= 2^31 - 1 (one CTA each)");
+}
+
+// The automatic schedule. Splits: the fewest that give at least three CTAs per SM, so that
+// heavy-first ordering can even them out; a whole group per CTA when that suffices, as
+// splitting costs K, V reloads, dk, dv atomics and their rounding pass. Blocks of about two
+// waves of CTAs: enough to even out, while the CTAs running at once share the q, dO and dq
+// rows of a few sections. (On an H200 at B4 H16 T4096 D128, causal and W = 2048, with Hkv 2
+// and 16, this choice came within 3% of the best of a sweep over splits 1..8 and blocks of
+// 1 section to all.)
+inline BackwardSchedule choose_schedule(BackwardSchedule s, const BackwardParams& p, int sms) {
+  const int group = p.n_heads / p.n_kv_heads;
+  const std::int64_t whole_groups = std::int64_t(p.batch) * p.n_kv_heads * key_tiles_of(p);
+  if (s.head_splits == 0) {
+    s.head_splits = 1;
+    while (s.head_splits < group && whole_groups * s.head_splits < 3 * std::int64_t(sms)) {
+      int next = s.head_splits + 1;
+      while (group % next != 0) ++next;
+      s.head_splits = next;
+    }
+  }
+  const int sections = p.batch * p.n_kv_heads * s.head_splits;
+  if (s.sections_per_block == 0) s.sections_per_block = std::max(1, 2 * sms / key_tiles_of(p));
+  s.sections_per_block = std::min(s.sections_per_block, sections);
+  return s;
 }
 
 // Whether rows of a tensor can be read in 16-byte chunks.
@@ -129,7 +189,7 @@ inline void launch_main_kernel(const BackwardArgs& args, bool use_wgmma, cudaStr
   const BackwardParams& p = args.p;
   const int d = p.d_head;
   if (use_wgmma) {
-    const dim3 grid((p.length + 127) / 128, p.n_kv_heads, p.batch);
+    const dim3 grid(unsigned(std::int64_t(args.key_tiles) * p.batch * p.n_kv_heads * args.head_splits));
     const CUtensorMap dq_map = dq_accumulator_map(args);
     if (d <= 64)
       launch_main(backward_wgmma_kernel<64>, WgmmaBackwardTiles<64>::smem_bytes, grid, 256, stream, args, dq_map);
@@ -150,19 +210,20 @@ inline void launch_main_kernel(const BackwardArgs& args, bool use_wgmma, cudaStr
 
 // Bytes of scratch that backward() needs for these params (checks the sizes it depends on).
 inline std::size_t backward_workspace_bytes(const BackwardParams& p) {
-  backward_kernels::check_backward_sizes(p);
-  const std::size_t rows = std::size_t(p.batch) * std::size_t(p.n_heads) * std::size_t(p.length);
-  return backward_kernels::delta_bytes(p) +
-         backward_kernels::aligned_bytes(sizeof(float) * rows * std::size_t(backward_kernels::dq_row_of(p)));
+  using namespace backward_kernels;
+  check_backward_sizes(p);
+  const std::size_t kv_accumulators = p.n_heads > p.n_kv_heads ? 2 * accumulator_bytes(p, p.n_kv_heads) : 0;
+  return delta_bytes(p) + accumulator_bytes(p, p.n_heads) + kv_accumulators;
 }
 
 // Writes (or, with p.accumulate, adds) dq, dk and dv on `stream`. `workspace` holds at least
 // backward_workspace_bytes(p) bytes of device memory, 256-byte aligned, used only for the
 // duration of the call (in stream order).
 inline void backward(const BackwardParams& p, void* workspace, std::size_t workspace_bytes, cudaStream_t stream,
-                     BackwardKernel kernel = BackwardKernel::automatic) {
+                     BackwardKernel kernel = BackwardKernel::automatic, BackwardSchedule schedule = {}) {
   using namespace backward_kernels;
   check_backward_params(p);
+  check_schedule(schedule, p);
   const std::size_t needed = backward_workspace_bytes(p);
   require(workspace != nullptr, "attention backward: workspace is null, expected ", needed, " bytes");
   require(workspace_bytes >= needed, "attention backward: workspace of ", workspace_bytes, " bytes, expected >= ",
@@ -175,6 +236,7 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
   args.delta = static_cast<float*>(workspace);
   args.dq_acc = reinterpret_cast<float*>(static_cast<char*>(workspace) + delta_bytes(p));
   args.dq_row = dq_row_of(p);
+  args.key_tiles = key_tiles_of(p);
   args.window = int(std::min<std::int64_t>(p.mask.window, p.length));
   args.sinks = int(std::min<std::int64_t>(p.mask.sinks, p.length));
   args.vector_qkv = rows_in_chunks(p.q, p.q_strides, p.d_head) && rows_in_chunks(p.k, p.k_strides, p.d_head) &&
@@ -188,6 +250,17 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
   const bool use_wgmma = kernel == BackwardKernel::wgmma || (kernel == BackwardKernel::automatic && major == 9);
   require(!use_wgmma || major == 9, "attention backward: the wgmma kernel needs compute capability 9.x, device ",
           device, " has ", major, ".x");
+  if (use_wgmma) {
+    int sms = 0;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "attention backward: SM count");
+    schedule = choose_schedule(schedule, p, sms);
+    args.head_splits = schedule.head_splits;
+    args.sections_per_block = schedule.sections_per_block;
+    if (args.head_splits > 1) {
+      args.dk_acc = args.dq_acc + accumulator_bytes(p, p.n_heads) / sizeof(float);
+      args.dv_acc = args.dk_acc + accumulator_bytes(p, p.n_kv_heads) / sizeof(float);
+    }
+  }
 
   // Pass 1: a row's 16-byte chunks on as many lanes (rounded up to a power of two), or a warp
   // per row element by element.
@@ -205,22 +278,34 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
   check(cudaGetLastError(), "attention backward: preprocess launch");
   launch_main_kernel(args, use_wgmma, stream);
   check(cudaGetLastError(), "attention backward: main kernel launch");
-  const bool vector_dq = rows_in_chunks(p.dq, p.dq_strides, p.d_head);
-  const std::int64_t per_slice = std::int64_t(p.length) * p.d_head / (vector_dq ? 8 : 1);
+  // Pass 3: dq, and dk, dv when their sums were split over CTAs.
+  FinishArgs finish;
+  finish.batch = p.batch;
+  finish.length = p.length;
+  finish.d_head = p.d_head;
+  finish.acc_row = args.dq_row;
+  finish.jobs[0] = {args.dq_acc, p.dq, p.dq_strides, p.n_heads, p.scale};
+  finish.jobs[1] = {args.dk_acc, p.dk, p.dk_strides, p.n_kv_heads, p.scale};
+  finish.jobs[2] = {args.dv_acc, p.dv, p.dv_strides, p.n_kv_heads, 1.f};
+  const unsigned jobs = args.head_splits > 1 ? 3 : 1;
+  const bool vector_out = rows_in_chunks(p.dq, p.dq_strides, p.d_head) &&
+                          (jobs == 1 || (rows_in_chunks(p.dk, p.dk_strides, p.d_head) &&
+                                         rows_in_chunks(p.dv, p.dv_strides, p.d_head)));
+  const std::int64_t per_slice = std::int64_t(p.length) * p.d_head / (vector_out ? 8 : 1);
   const dim3 finish_grid(unsigned(std::min<std::int64_t>((per_slice + 255) / 256, 1024)),
-                         unsigned(std::min(p.batch * p.n_heads, 65535)));
+                         unsigned(std::min(p.batch * p.n_heads, 65535)), jobs);
   if (p.accumulate) {
-    if (vector_dq)
-      backward_finish_dq_kernel<true, true><<<finish_grid, 256, 0, stream>>>(args);
+    if (vector_out)
+      backward_finish_kernel<true, true><<<finish_grid, 256, 0, stream>>>(finish);
     else
-      backward_finish_dq_kernel<true, false><<<finish_grid, 256, 0, stream>>>(args);
+      backward_finish_kernel<true, false><<<finish_grid, 256, 0, stream>>>(finish);
   } else {
-    if (vector_dq)
-      backward_finish_dq_kernel<false, true><<<finish_grid, 256, 0, stream>>>(args);
+    if (vector_out)
+      backward_finish_kernel<false, true><<<finish_grid, 256, 0, stream>>>(finish);
     else
-      backward_finish_dq_kernel<false, false><<<finish_grid, 256, 0, stream>>>(args);
+      backward_finish_kernel<false, false><<<finish_grid, 256, 0, stream>>>(finish);
   }
-  check(cudaGetLastError(), "attention backward: dq finishing launch");
+  check(cudaGetLastError(), "attention backward: finishing launch");
 }
 
 }  // namespace dash::cuda::attention

@@ -1,17 +1,28 @@
 // Pieces shared by both backward kernels of Softmax / SlidingWindow attention (backward.cuh).
 //
 // The backward runs in three passes over a workspace of fp32:
-//   1. preprocess: D_i = dO_i·o_i per query row (delta), and the dq accumulator rows zeroed;
-//   2. the main kernel: one CTA per (batch, kv head, key tile) recomputes P = exp(s − lse)
-//      tile by tile for every query head of its group, keeps dK and dV of its keys in
-//      registers, and adds each tile's dQ = dS·K into the fp32 accumulator (atomics in the
-//      mma.sync kernel, tensor bulk reductions in the wgmma kernel);
-//   3. finish: dq = scale·accumulator (plus what dq held, when accumulating), to bf16.
+//   1. preprocess: D_i = dO_i·o_i per query row (delta), and the accumulator rows zeroed;
+//   2. the main kernel: one CTA per (key tile, batch, kv head, head split) recomputes
+//      P = exp(s − lse) tile by tile for its share of the kv head's query heads, keeps dK and
+//      dV of its keys in registers, and adds each tile's dQ = dS·K into the fp32 accumulator
+//      (atomics in the mma.sync kernel, tensor bulk reductions in the wgmma kernel). When a
+//      group's heads are split over several CTAs (wgmma kernel only), each adds its partial
+//      dK, dV into fp32 accumulators as well;
+//   3. finish: dq = scale·accumulator (plus what dq held, when accumulating), to bf16, and
+//      likewise dk = scale·Σ, dv = Σ from their accumulators when heads were split.
 // Tiles are loaded into shared memory with cp.async (16-byte chunks) where every input row
 // is 16-byte aligned, element by element otherwise; rows past T and columns past d_head are
 // zero-filled, so padded queries and keys contribute nothing (a padded query has q = dO = 0
 // and lse = D = 0: its p is finite and its dS is 0; a padded key has k = v = 0 and is hidden
 // from every real query by causality).
+//
+// Work per CTA: key tile j of a causal mask meets the query tiles from its diagonal to T, so
+// the work falls with j (with a window it is flat, then falls; sink tiles see every query).
+// The wgmma kernel's grid is one dimension ordered heavy first, in blocks of
+// `sections_per_block` sections (a section = (batch, kv head, head split)): inside a block the
+// key tile is the slow index. The hardware hands out CTAs in index order, so heavy tiles start
+// early and light ones fill the tail (longest processing time first), while the CTAs running
+// at once stay within a few sections, whose q, dO and dq rows they share in L2.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,7 +41,13 @@ struct BackwardArgs {
   BackwardParams p;
   float* delta = nullptr;   // [B, H, T]: D_i = dO_i·o_i
   float* dq_acc = nullptr;  // [B, H, T, dq_row]: Σ_j dS_ij k_j, unscaled
+  float* dk_acc = nullptr;  // [B, Hkv, T, dq_row]: Σ_i dS_ij q_i over the group, unscaled
+  float* dv_acc = nullptr;  // [B, Hkv, T, dq_row]: Σ_i p_ij dO_i over the group (both only
+                            // when head_splits > 1)
   int dq_row = 0;           // d_head rounded up to 8 (aligned two-float atomics, 32-byte rows)
+  int key_tiles = 0;        // wgmma kernel: tiles of 128 keys
+  int head_splits = 1;      // wgmma kernel: CTAs that share one kv head's query heads
+  int sections_per_block = 1;  // wgmma kernel: width of the blocks of the CTA order (below)
   int window = 0;           // the mask's window and sinks clamped to T (i − j < T always holds)
   int sinks = 0;
   bool vector_qkv = false;       // q, k, v, d_o rows can be read in 16-byte chunks
@@ -114,14 +131,39 @@ struct StepCursor {
   }
 };
 
+// What one CTA of the wgmma kernel does: key tile `key_tile` of (batch, kv_head), over query
+// heads [first_head, first_head + heads).
+struct KeyTileWork {
+  int key_tile, batch, kv_head, first_head, heads;
+};
+
+// CTA `block` of the grid ordered as described at the top: blocks of sections_per_block
+// sections (the last one possibly narrower), key tile major inside a block; a section is
+// (batch, kv head, split) with the split fastest, so the CTAs of one kv head sit together.
+__device__ __forceinline__ KeyTileWork key_tile_work(const BackwardArgs& args, int block) {
+  const BackwardParams& p = args.p;
+  const int sections = p.batch * p.n_kv_heads * args.head_splits;
+  const int per_block = args.sections_per_block * args.key_tiles;
+  const int first_section = block / per_block * args.sections_per_block;
+  const int width = min(args.sections_per_block, sections - first_section);
+  const int in_block = block % per_block;
+  const int section = first_section + in_block % width;
+  const int split = section % args.head_splits, kv_head = section / args.head_splits % p.n_kv_heads;
+  const int heads = p.n_heads / p.n_kv_heads / args.head_splits;
+  return {in_block / width, section / (args.head_splits * p.n_kv_heads), kv_head,
+          kv_head * (p.n_heads / p.n_kv_heads) + split * heads, heads};
+}
+
 // Element offset of (batch, token 0, head) in a [B, T, heads, D] tensor.
 __device__ __forceinline__ std::int64_t head_offset(const Strides& s, int batch, int head, int d_head) {
   return batch * s.batch + std::int64_t(head) * d_head;
 }
 
 // Pass 1, `lanes_per_row` lanes (a power of two ≤ 32) per (batch, token, query head) row:
-// delta = dO·o in fp32, and the row of the dq accumulator zeroed. VectorRows: o and d_o rows
-// are read in 16-byte chunks, one per lane, so that a warp of short rows reads several at once.
+// delta = dO·o in fp32, and the row of the dq accumulator zeroed; rows of query heads below
+// Hkv also zero that kv head's rows of the dk and dv accumulators, when there are any.
+// VectorRows: o and d_o rows are read in 16-byte chunks, one per lane, so that a warp of
+// short rows reads several at once.
 template <bool VectorRows>
 __global__ void backward_preprocess_kernel(BackwardArgs args, int lanes_per_row) {
   const BackwardParams& p = args.p;
@@ -156,25 +198,50 @@ __global__ void backward_preprocess_kernel(BackwardArgs args, int lanes_per_row)
   if (in_row == 0) args.delta[stat] = dot;
   float4* acc = reinterpret_cast<float4*>(args.dq_acc + stat * args.dq_row);
   for (int c4 = in_row; c4 < args.dq_row / 4; c4 += lanes_per_row) acc[c4] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (args.head_splits > 1 && h < p.n_kv_heads) {
+    const std::int64_t kv_row = ((std::int64_t(b) * p.n_kv_heads + h) * p.length + i) * args.dq_row;
+    float4* dk = reinterpret_cast<float4*>(args.dk_acc + kv_row);
+    float4* dv = reinterpret_cast<float4*>(args.dv_acc + kv_row);
+    for (int c4 = in_row; c4 < args.dq_row / 4; c4 += lanes_per_row)
+      dk[c4] = dv[c4] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
 }
 
-// Pass 3: dq = scale·acc (+ dq when Accumulate), rounded to bf16. Grid: y over (batch, head)
-// slices, x over one slice's T·D elements in groups of 8 (Vector: one 16-byte store) or 1.
+// One fp32 accumulator [B, heads, T, acc_row] and the [B, T, heads, D] bf16 tensor that
+// pass 3 writes from it: out = scale·acc (+ out when accumulating).
+struct RoundingJob {
+  const float* acc = nullptr;
+  bfloat16* out = nullptr;
+  Strides strides;
+  int heads = 0;
+  float scale = 1.f;
+};
+
+// Pass 3 over up to three jobs (dq; dk and dv when heads were split), blockIdx.z picking one.
+struct FinishArgs {
+  RoundingJob jobs[3];
+  int batch = 0, length = 0, d_head = 0, acc_row = 0;
+};
+
+// Pass 3: out = scale·acc (+ out when Accumulate), rounded to bf16. Grid: z over jobs, y over
+// (batch, head) slices, x over one slice's T·D elements in groups of 8 (Vector: one 16-byte
+// store) or 1.
 template <bool Accumulate, bool Vector>
-__global__ void backward_finish_dq_kernel(BackwardArgs args) {
-  const BackwardParams& p = args.p;
+__global__ void backward_finish_kernel(FinishArgs args) {
+  // Selected by value rather than indexed, which would copy the parameters to local memory.
+  const RoundingJob job = blockIdx.z == 0 ? args.jobs[0] : blockIdx.z == 1 ? args.jobs[1] : args.jobs[2];
   constexpr int group = Vector ? 8 : 1;
-  const int groups_per_row = p.d_head / group;
-  const std::int64_t groups = std::int64_t(p.length) * groups_per_row;
-  for (int slice = blockIdx.y; slice < p.batch * p.n_heads; slice += gridDim.y) {
-    const int b = slice / p.n_heads, h = slice % p.n_heads;
-    const float* acc = args.dq_acc + std::int64_t(slice) * p.length * args.dq_row;
-    bfloat16* dq = p.dq + head_offset(p.dq_strides, b, h, p.d_head);
+  const int groups_per_row = args.d_head / group;
+  const std::int64_t groups = std::int64_t(args.length) * groups_per_row;
+  for (int slice = blockIdx.y; slice < args.batch * job.heads; slice += gridDim.y) {
+    const int b = slice / job.heads, h = slice % job.heads;
+    const float* acc = job.acc + std::int64_t(slice) * args.length * args.acc_row;
+    bfloat16* out_head = job.out + head_offset(job.strides, b, h, args.d_head);
     for (std::int64_t e = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < groups;
          e += std::int64_t(gridDim.x) * blockDim.x) {
       const int i = int(e / groups_per_row), d = int(e % groups_per_row) * group;
-      const float* a = acc + std::int64_t(i) * args.dq_row + d;
-      bfloat16* out = dq + i * p.dq_strides.token + d;
+      const float* a = acc + std::int64_t(i) * args.acc_row + d;
+      bfloat16* out = out_head + i * job.strides.token + d;
       if constexpr (Vector) {
         const float4 lo = *reinterpret_cast<const float4*>(a), hi = *reinterpret_cast<const float4*>(a + 4);
         float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
@@ -185,7 +252,7 @@ __global__ void backward_finish_dq_kernel(BackwardArgs args) {
         auto* packed2 = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          float2 x{p.scale * v[2 * k], p.scale * v[2 * k + 1]};
+          float2 x{job.scale * v[2 * k], job.scale * v[2 * k + 1]};
           if constexpr (Accumulate) {
             const float2 y = __bfloat1622float2(old2[k]);
             x.x += y.x;
@@ -195,7 +262,7 @@ __global__ void backward_finish_dq_kernel(BackwardArgs args) {
         }
         *reinterpret_cast<uint4*>(out) = packed;
       } else {
-        float value = p.scale * *a;
+        float value = job.scale * *a;
         if constexpr (Accumulate) value += __bfloat162float(*out);
         *out = __float2bfloat16(value);
       }

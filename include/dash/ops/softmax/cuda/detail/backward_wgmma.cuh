@@ -2,9 +2,10 @@
 // (wgmma, sm_90a), operands read by the tensor cores straight from 128-byte-swizzled shared
 // memory.
 //
-// One CTA of two warpgroups per (batch, kv head, tile of 128 keys); warpgroup w owns keys
-// [64w, 64w + 64). For every query head of the kv head's group and every tile of 64 queries
-// the mask lets see these keys (s = scale·q·k, keys as rows):
+// One CTA of two warpgroups per (tile of 128 keys, batch, kv head, head split), in the order of
+// key_tile_work (backward_common.cuh); warpgroup w owns keys [64w, 64w + 64). For every query
+// head of its share of the kv head's group and every tile of 64 queries the mask lets see
+// these keys (s = scale·q·k, keys as rows):
 //   Sᵀ = K Qᵀ,  dPᵀ = V dOᵀ                  (m64n64, both operands K-major in shared memory)
 //   Pᵀ = exp(Sᵀ − lse)                       (registers, fp32, while dPᵀ still runs)
 //   dV += Pᵀ dO                              (m64nD, A = Pᵀ from registers, B = dO transposed)
@@ -12,11 +13,12 @@
 //   dQ  = dS K                               (m64n(D/2) per warpgroup over all 128 keys: dSᵀ
 //                                             and K transposed from shared memory)
 // dK, dV stay in registers until the end, then go out through shared memory in 16-byte
-// chunks. Each step's dQ tile goes through shared memory (128-byte-swizzled boxes of 64 rows ×
-// 32 floats) to the fp32 accumulator by tensor bulk reductions (cp.reduce.async.bulk.tensor
-// through a tensor map, added in L2; rows past T are clipped), issued by one thread after the
-// next step's first barrier. Q, dO, lse and D are double buffered with cp.async, as are the dQ
-// tiles.
+// chunks: as bf16 when the CTA holds the whole group, else added to the fp32 dk, dv
+// accumulators (16-byte atomics) for pass 3 to round. Each step's dQ tile goes through shared
+// memory (128-byte-swizzled boxes of 64 rows × 32 floats) to the fp32 accumulator by tensor
+// bulk reductions (cp.reduce.async.bulk.tensor through a tensor map, added in L2; rows past T
+// are clipped), issued by one thread after the next step's first barrier. Q, dO, lse and D
+// are double buffered with cp.async, as are the dQ tiles.
 #pragma once
 
 #include <cuda.h>
@@ -92,12 +94,12 @@ __global__ void __launch_bounds__(256, 1)
   const float* delta_smem = reinterpret_cast<const float*>(smem + Tiles::delta_offset);
 
   const BackwardParams& p = args.p;
-  const int k0 = blockIdx.x * Bk, kv_head = blockIdx.y, b = blockIdx.z;
-  const int group = p.n_heads / p.n_kv_heads;
+  const KeyTileWork work = key_tile_work(args, blockIdx.x);
+  const int k0 = work.key_tile * Bk, kv_head = work.kv_head, b = work.batch;
   const TileMask mask{args.window, args.sinks};
   const int first_tile = k0 / Bq;
   const int end_tile = (mask.query_end(k0, k0 + Bk, p.length) + Bq - 1) / Bq;
-  const int steps = group * (end_tile - first_tile);
+  const int steps = work.heads * (end_tile - first_tile);
   const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, t = lane % 4;
 
   load_tile<Bk, DPad, Swizzled128<Bk>, Threads>(sK, p.k + head_offset(p.k_strides, b, kv_head, p.d_head),
@@ -125,7 +127,7 @@ __global__ void __launch_bounds__(256, 1)
                              box * Tiles::dq_box_cols, at.tile * Bq, b * p.n_heads + at.head);
     ptx::bulk_commit();
   };
-  StepCursor at{kv_head * group, first_tile, first_tile, end_tile}, next = at, previous = at;
+  StepCursor at{work.first_head, first_tile, first_tile, end_tile}, next = at, previous = at;
   if (steps > 0) load_step(at, 0);
   ptx::cp_async_commit();
 
@@ -287,6 +289,19 @@ __global__ void __launch_bounds__(256, 1)
       ptx::st_shared_v2_f32(base + staged(1, row, col), dv[4 * c + 2 * half], dv[4 * c + 2 * half + 1]);
     }
   __syncthreads();
+  if (args.head_splits > 1) {  // a share of the group: fp32 sums, rounded in pass 3
+    const std::int64_t rows = (std::int64_t(b) * p.n_kv_heads + kv_head) * p.length;
+    for (int e = threadIdx.x; e < Bk * (DPad / 4); e += Threads) {
+      const int row = e / (DPad / 4), col = 4 * (e % (DPad / 4)), key = k0 + row;
+      if (key >= p.length || col >= args.dq_row) continue;
+      const std::int64_t at_acc = (rows + key) * args.dq_row + col;
+      atomicAdd(reinterpret_cast<float4*>(args.dk_acc + at_acc),
+                *reinterpret_cast<const float4*>(smem + staged(0, row, col)));
+      atomicAdd(reinterpret_cast<float4*>(args.dv_acc + at_acc),
+                *reinterpret_cast<const float4*>(smem + staged(1, row, col)));
+    }
+    return;
+  }
   const std::int64_t dk_head = head_offset(p.dk_strides, b, kv_head, p.d_head);
   const std::int64_t dv_head = head_offset(p.dv_strides, b, kv_head, p.d_head);
   for (int e = threadIdx.x; e < Bk * (DPad / 8); e += Threads) {
