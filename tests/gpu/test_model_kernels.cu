@@ -113,8 +113,9 @@ void check_rms_norm_forward(Rng& rng, double& worst_y, double& worst_sum) {
       }
 }
 
-template <class Residual, class Grad>
-void check_rms_norm_backward(Rng& rng, double& worst) {
+// With `rounded`, the launch also writes bf16(dx), which must equal dx as stored, rounded.
+template <class Residual, class Grad, class Upstream = bfloat16>
+void check_rms_norm_backward(Rng& rng, double& worst, bool rounded = false) {
   for (index_t rows : row_counts)
     for (int d : widths)
       for (bool accumulate : {false, true}) {
@@ -123,20 +124,30 @@ void check_rms_norm_backward(Rng& rng, double& worst) {
         auto g = random_operand<bfloat16>(Shape{d}, rng, 0.3);
         for (double& v : g.host.flat()) v = rounded_to<bfloat16>(1.0 + v);
         g.device = upload<bfloat16>(g.host);
-        const auto dy = random_operand<bfloat16>(Shape{rows, d}, rng);
+        const auto dy = random_operand<Upstream>(Shape{rows, d}, rng);
         auto dx = random_operand<Grad>(Shape{rows, d}, rng);
         Tensor<double> want = accumulate ? clone(dx.host.view()) : Tensor<double>(Shape{rows, d}, 0.0);
         dash::model::rms_norm_backward<double>(x.host.view(), g.host.view(), eps, dy.host.view(), want.view(), {});
         if (!accumulate) test::poison(dx.device);
-        cm::RmsNormBackwardParams<Residual, Grad> p;
+        cuda::DeviceTensor<bfloat16> dx_rounded(Shape{rows, d});
+        test::poison(dx_rounded);
+        cm::RmsNormBackwardParams<Residual, Grad, Upstream> p;
         p.x = x.device.data(), p.weight = g.device.data(), p.dy = dy.device.data(), p.dx = dx.device.data();
         p.rows = rows, p.d = d, p.eps = float(eps), p.accumulate = accumulate;
+        if (rounded) p.dx_rounded = dx_rounded.data();
         cm::rms_norm_backward(p, nullptr);
-        const double error = test::relative_l2(cuda::to_host_double(dx.device), want);
-        INFO("rms_norm_backward x ", type_name<Residual>(), " dx ", type_name<Grad>(), " rows ", rows, " d ", d,
-             " accumulate ", accumulate);
+        const Tensor<double> got = cuda::to_host_double(dx.device);
+        const double error = test::relative_l2(got, want);
+        INFO("rms_norm_backward x ", type_name<Residual>(), " dx ", type_name<Grad>(), " dy ", type_name<Upstream>(),
+             " rows ", rows, " d ", d, " accumulate ", accumulate, " rounded ", rounded);
         CHECK(error <= tolerance<Grad>());
         worst = std::max(worst, error);
+        if (rounded) {
+          const Tensor<double> copy = cuda::to_host_double(dx_rounded);
+          bool equal = true;
+          for (index_t i = 0; i < got.numel(); ++i) equal &= copy.data()[i] == rounded_to<bfloat16>(got.data()[i]);
+          CHECK(equal);
+        }
       }
 }
 
@@ -160,6 +171,7 @@ TEST_CASE("rms_norm backward matches the reference for bf16 and fp32 streams and
   check_rms_norm_backward<float, bfloat16>(rng, bf16_grad);
   check_rms_norm_backward<bfloat16, float>(rng, f32_grad);
   check_rms_norm_backward<float, float>(rng, f32_grad);
+  check_rms_norm_backward<float, float, float>(rng, f32_grad, /*rounded=*/true);  // the search model's use
   MESSAGE("rms_norm backward worst relative L2: bf16 dx ", bf16_grad, ", fp32 dx ", f32_grad);
 }
 

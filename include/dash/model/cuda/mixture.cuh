@@ -11,7 +11,6 @@
 //                 Sums run in fp32 per thread and in double across threads and blocks: a fixed
 //                 grid, per-block partials, then one block per term adds them in order, so the
 //                 result does not depend on scheduling.
-// round_to_bf16   y = bf16(x) for fp32 x: the residual stream's gradient as a GEMM operand.
 #pragma once
 
 #include <algorithm>
@@ -104,12 +103,6 @@ __global__ void __launch_bounds__(Threads) mixture_totals_kernel(MixtureGradient
   if (threadIdx.x == 0) p.grad[p.terms[blockIdx.x].pi_index] = float(total);
 }
 
-template <int Threads>
-__global__ void __launch_bounds__(Threads) round_to_bf16_kernel(const float* x, bfloat16* y, index_t n) {
-  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x)
-    y[i] = __float2bfloat16_rn(x[i]);
-}
-
 inline unsigned elementwise_blocks(index_t items) {
   return unsigned(std::max<index_t>(1, std::min<index_t>((items + 255) / 256, index_t(1) << 16)));
 }
@@ -158,13 +151,6 @@ inline void mixture_gradient(const MixtureGradientParams& p, cudaStream_t stream
       <<<unsigned(p.n_terms), detail::mixture_threads, 0, stream>>>(p,
                                                                                            detail::mixture_blocks);
   check(cudaGetLastError(), "mixture_gradient totals launch");
-}
-
-inline void round_to_bf16(const float* x, bfloat16* y, index_t n, cudaStream_t stream) {
-  require(n >= 1, "round_to_bf16: n = ", n, ", expected at least 1");
-  require(x && y, "round_to_bf16: x and y must not be null");
-  detail::round_to_bf16_kernel<256><<<detail::elementwise_blocks(n), 256, 0, stream>>>(x, y, n);
-  check(cudaGetLastError(), "round_to_bf16 launch");
 }
 
 }  // namespace dash::cuda::model

@@ -5,7 +5,9 @@
 // stored, and normalised, so that a backward that reads s back sees the same values.
 // Backward to the input (g is frozen, no dg), with x̂ = x·r:
 //   dx (+)= r · (g⊙dy − x̂ · mean(x̂ ⊙ g⊙dy)) = r·g⊙dy − x · r³ · Σ(x⊙g⊙dy) / d
-// One warp per row; the residual stream x (and dx) is bf16 or fp32.
+// One warp per row; the residual stream x (and dx) is bf16 or fp32, and so is dy. The backward
+// can also write dx rounded to bf16, the operand of the GEMM that reads it next, which saves
+// that GEMM a rounding pass of its own.
 #pragma once
 
 #include <type_traits>
@@ -28,12 +30,13 @@ struct RmsNormForwardParams {
   float eps = 1e-5f;
 };
 
-template <class Residual, class Grad>
+template <class Residual, class Grad, class Upstream = bfloat16>
 struct RmsNormBackwardParams {
   const Residual* x = nullptr;       // [rows, d], the norm's input as the forward stored it
   const bfloat16* weight = nullptr;  // g, [d]
-  const bfloat16* dy = nullptr;      // [rows, d]
+  const Upstream* dy = nullptr;      // [rows, d]
   Grad* dx = nullptr;                // [rows, d]
+  bfloat16* dx_rounded = nullptr;    // optional [rows, d]: dx as stored, rounded to bf16
   index_t rows = 0;
   int d = 0;
   float eps = 1e-5f;
@@ -80,9 +83,9 @@ __global__ void __launch_bounds__(32 * norm_rows_per_block) rms_norm_forward_ker
   }
 }
 
-template <int kWidth, class Residual, class Grad>
+template <int kWidth, class Residual, class Grad, class Upstream>
 __global__ void __launch_bounds__(32 * norm_rows_per_block)
-    rms_norm_backward_kernel(RmsNormBackwardParams<Residual, Grad> p) {
+    rms_norm_backward_kernel(RmsNormBackwardParams<Residual, Grad, Upstream> p) {
   const index_t row = index_t(blockIdx.x) * norm_rows_per_block + threadIdx.x / 32;
   if (row >= p.rows) return;
   const int lane = threadIdx.x % 32;
@@ -112,8 +115,9 @@ __global__ void __launch_bounds__(32 * norm_rows_per_block)
       for (int j = 0; j < kWidth; ++j) dx[j] = 0;
     }
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) dx[j] += r * g[j] * dy[j] - x[j] * along_x;
+    for (int j = 0; j < kWidth; ++j) dx[j] = round_to<Grad>(dx[j] + r * g[j] * dy[j] - x[j] * along_x);
     store_vector(p.dx + base + c, dx);
+    if (p.dx_rounded) store_vector(p.dx_rounded + base + c, dx);
   }
 }
 
@@ -146,16 +150,16 @@ void rms_norm_forward(const RmsNormForwardParams<Residual>& p, cudaStream_t stre
   check(cudaGetLastError(), "rms_norm_forward launch");
 }
 
-template <class Residual, class Grad>
-  requires(detail::is_residual_type<Residual> && detail::is_residual_type<Grad>)
-void rms_norm_backward(const RmsNormBackwardParams<Residual, Grad>& p, cudaStream_t stream) {
+template <class Residual, class Grad, class Upstream>
+  requires(detail::is_residual_type<Residual> && detail::is_residual_type<Grad> && detail::is_residual_type<Upstream>)
+void rms_norm_backward(const RmsNormBackwardParams<Residual, Grad, Upstream>& p, cudaStream_t stream) {
   detail::validate_norm_size(p.rows, p.d, p.eps, "rms_norm_backward");
   require(p.x != nullptr, "rms_norm_backward: x is null");
   require(p.weight != nullptr, "rms_norm_backward: weight is null");
   require(p.dy != nullptr, "rms_norm_backward: dy is null");
   require(p.dx != nullptr, "rms_norm_backward: dx is null");
   const bool wide = aligned_rows(p.x, p.d, p.d) && aligned_rows(p.dy, p.d, p.d) && aligned_rows(p.dx, p.d, p.d) &&
-                    aligned_rows(p.weight, 0, p.d);
+                    aligned_rows(p.weight, 0, p.d) && (!p.dx_rounded || aligned_rows(p.dx_rounded, p.d, p.d));
   const dim3 grid = detail::norm_grid(p.rows), block(32 * detail::norm_rows_per_block);
   if (wide)
     detail::rms_norm_backward_kernel<8><<<grid, block, 0, stream>>>(p);

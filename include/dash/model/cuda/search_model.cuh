@@ -570,24 +570,22 @@ class DeviceSearchModel {
     });
   }
 
-  void norm_backward(const float* x, const bfloat16* gain, const bfloat16* dy, bool accumulate, index_t rows,
+  // dx (+)= the norm's backward of dy, and dx_rounded = bf16(dx), what the next GEMM reads.
+  template <class Upstream>
+  void norm_backward(const float* x, const bfloat16* gain, const Upstream* dy, bool accumulate, index_t rows,
                      cudaStream_t stream) {
     timed(timer_, "rms norm backward", stream, [&] {
-      rms_norm_backward<float, float>({.x = x,
-                                       .weight = gain,
-                                       .dy = dy,
-                                       .dx = buffers_.dx,
-                                       .rows = rows,
-                                       .d = config_.d_model,
-                                       .eps = float(config_.rms_eps),
-                                       .accumulate = accumulate},
-                                      stream);
+      rms_norm_backward<float, float, Upstream>({.x = x,
+                                                 .weight = gain,
+                                                 .dy = dy,
+                                                 .dx = buffers_.dx,
+                                                 .dx_rounded = buffers_.dx_rounded,
+                                                 .rows = rows,
+                                                 .d = config_.d_model,
+                                                 .eps = float(config_.rms_eps),
+                                                 .accumulate = accumulate},
+                                                stream);
     });
-  }
-
-  void round(const float* x, bfloat16* y, index_t rows, cudaStream_t stream) {
-    timed(timer_, "round to bf16", stream,
-          [&] { round_to_bf16(x, y, rows * index_t(config_.d_model), stream); });
   }
 
   // x += mixer(RMSNorm(x)).
@@ -635,7 +633,7 @@ class DeviceSearchModel {
     }
 
     // Through the MLP: dn2 = (SwiGLU'ᵀ (dx·W_down))·[W_gate; W_up], then the second norm into dx.
-    round(buffers_.dx, buffers_.dx_rounded, rows, c.stream);
+    // dx_rounded is bf16(dx): every norm backward into dx writes both.
     c.linear(rows, d_ff, d, buffers_.dx_rounded, d, layer.w_down.data(), d_ff, false, nullptr, buffers_.mlp, d_ff,
              DType::bf16, false, c.stream);
     timed(timer_, "swiglu backward", c.stream, [&] {
@@ -655,11 +653,9 @@ class DeviceSearchModel {
              buffers_.d_normed, d, DType::bf16, false, c.stream);
     norm_backward(r, layer.mlp_norm.data(), buffers_.d_normed, true, rows, c.stream);
 
-    // Through the mixer and the first norm.
-    round(buffers_.dx, buffers_.dx_rounded, rows, c.stream);
+    // Through the mixer and the first norm (which reads the mixer's fp32 gradient as it is).
     if (!layer.mixer.backward(c, buffers_.dx_rounded, buffers_.d_mixer, pi, run, d_pi)) return;
-    round(buffers_.d_mixer, buffers_.d_normed, rows, c.stream);
-    norm_backward(layer_input(l), layer.attn_norm.data(), buffers_.d_normed, true, rows, c.stream);
+    norm_backward(layer_input(l), layer.attn_norm.data(), buffers_.d_mixer, true, rows, c.stream);
   }
 
   // The shortest sequences the operators' scratch is planned for: the linear-attention kernels'
