@@ -10,9 +10,10 @@
 //           final state.
 // backward  three more sweeps (dq forward in time, dk and dv in reverse): one state pass for the
 //           two chains they need (S, forward, and dS, reverse; dq and dk read them transposed)
-//           and one output pass for all three; then the GQA group sums of dk and dv and the
-//           log-decay gradient dg_t = Σ_{t'≥t} (q·dq − k·dk) + ⟨dS_T, S_T⟩ (one reverse scan per
-//           head). Optional final-state gradient in, initial-state gradient out.
+//           and the output passes of dq alone and of dv and dk together (shared inputs); then
+//           the GQA group sums of dk and dv and the log-decay gradient
+//           dg_t = Σ_{t'≥t} (q·dq − k·dk) + ⟨dS_T, S_T⟩ (one reverse scan per head).
+//           Optional final-state gradient in, initial-state gradient out.
 // decode    the recurrent form in fp32, state [B, H, D, D] advanced in place (gated_linear/cuda/
 //           decode.cuh).
 //
@@ -132,8 +133,8 @@ inline SweepBatch sweep_batch(const Inputs& p, const InputStrides& strides) {
   return batch;
 }
 
-inline void launch(const SweepBatch& chains, const SweepBatch& batch, cudaStream_t stream) {
-  with_width(batch.d_head, [&](auto width) { launch_sweeps<decltype(width)::value>(chains, batch, stream); });
+inline void launch(const SweepBatch& chains, const SweepBatch& batch, const SweepBatch& paired, cudaStream_t stream) {
+  with_width(batch.d_head, [&](auto width) { launch_sweeps<decltype(width)::value>(chains, batch, paired, stream); });
 }
 
 inline constexpr int backward_chains = 2;
@@ -195,7 +196,9 @@ inline void forward(const ForwardParams& p, void* workspace, std::size_t workspa
   s.state_out = p.final_state;
   s.chunk_states = static_cast<bfloat16*>(workspace);
   batch.n_sweeps = 1;
-  detail::launch(batch, batch, stream);
+  detail::SweepBatch none = batch;
+  none.n_sweeps = 0;
+  detail::launch(batch, batch, none, stream);
 }
 
 // Bytes of scratch backward() needs for these sizes (and whether d_final_state is given).
@@ -249,24 +252,30 @@ inline void backward(const BackwardParams& p, void* workspace, std::size_t works
   ds.state_in = p.d_final_state, ds.state_out = p.d_initial_state;
   ds.chunk_states = ds_states;
 
-  batch.n_sweeps = 3;
+  // dq alone; dv and dk in one block per chunk (chunk_pair_kernel: dv first, dk reuses its q and
+  // d_o tiles and its dS tile).
+  batch.n_sweeps = 1;
   detail::Sweep& dq = batch.sweep[0];
   dq.x = d_o, dq.y = v, dq.z = k;
   dq.out = p.dq, dq.out_stride = dq_stride;
   dq.dot = q, dq.dot_partials = q_dot;
   dq.chunk_states = s_states, dq.chunk_states_transposed = true;  // R = Sᵀ
-  detail::Sweep& dk = batch.sweep[1];
+  detail::SweepBatch paired = batch;
+  paired.n_sweeps = 2;
+  detail::Sweep& dv = paired.sweep[0];
+  dv = detail::Sweep{};
+  dv.x = k, dv.y = q, dv.z = d_o, dv.reverse = true;
+  if (group == 1) dv.out = p.dv, dv.out_stride = dv_stride;
+  else dv.out_f32 = dv_heads, dv.out_stride = dense;
+  dv.chunk_states = ds_states;  // R = dS
+  detail::Sweep& dk = paired.sweep[1];
+  dk = detail::Sweep{};
   dk.x = v, dk.y = d_o, dk.z = q, dk.reverse = true;
   if (group == 1) dk.out = p.dk, dk.out_stride = dk_stride;
   else dk.out_f32 = dk_heads, dk.out_stride = dense;
   dk.dot = k, dk.dot_partials = k_dot;
   dk.chunk_states = ds_states, dk.chunk_states_transposed = true;  // R = dSᵀ
-  detail::Sweep& dv = batch.sweep[2];
-  dv.x = k, dv.y = q, dv.z = d_o, dv.reverse = true;
-  if (group == 1) dv.out = p.dv, dv.out_stride = dv_stride;
-  else dv.out_f32 = dv_heads, dv.out_stride = dense;
-  dv.chunk_states = ds_states;  // R = dS
-  detail::launch(chains, batch, stream);
+  detail::launch(chains, batch, paired, stream);
 
   if (group > 1) {
     const std::int64_t tokens = std::int64_t(p.batch) * p.length;

@@ -14,7 +14,8 @@
 //   dv: reverse, (x, y, z) = (k, q, d_o),  R = dS    (dv_j = dS_jᵀ k_j)
 // Their states are transposes of two chains only, the forward's S and dv's dS, so the backward
 // runs the state pass for those two and the output pass for all three, dq and dk reading the
-// chunk states transposed.
+// chunk states transposed; dv and dk share a block (chunk_pair_kernel): their y and z are each
+// other's z and y and their R the same dS, so of their five tiles only dk's x is extra.
 //
 // Every exponent is a difference of prefix sums taken in the order that makes it ≤ 0 (b is
 // non-increasing because g ≤ 0), so nothing overflows however strong the decay.
@@ -22,10 +23,11 @@
 // State pass (sequential in chunks, light): a thread block owns a [BK, BV] tile of R in fp32
 // registers (mma accumulators) and walks the chunks in the sweep's direction; per chunk it
 // stores R as entering the chunk (bf16, what the output pass multiplies with) to the chunk
-// states in the workspace, then R = e^{b_C} R + Yᵀ diag(w) Z, the weights applied to the Yᵀ
-// fragments in registers. y, z and the log decays stream in by cp.async `stages` − 1 chunks
-// ahead, and every warp derives the chunk's weights itself from the landed log decays, so the
-// chain's steps issue no global load of their own and meet at one barrier each.
+// states in the workspace (through the warp's shared slab, as whole 16-byte units), then
+// R = e^{b_C} R + Yᵀ diag(w) Z, the weights applied to the Yᵀ fragments in registers. y, z and the log decays stream in by cp.async `stages` − 1 chunks
+// ahead, and every warp derives the chunk's weights itself from the landed log decays one step
+// ahead (while the tensor cores run the current step), so the chain's steps issue no global
+// load of their own, keep the weights' scan off the critical path and meet at one barrier each.
 //
 // Output pass (parallel over chunks, heavy): a thread block owns one chunk and BV value columns
 // of one head: (1) with one pass over X's fragments, the scores A = (X Yᵀ ⊙ decay)·scale [C, C]
@@ -101,12 +103,13 @@ struct StateShape {
   static constexpr int min_blocks = MinBlocks_;
   static constexpr int warps = BK / 16, threads = 32 * warps, tn = BV / 8;
   static constexpr int tiles = (W / BK) * (W / BV);  // blocks per head and sweep
+  static constexpr int y_row = BK * 2, z_row = BV * 2, out_row = BV * 2;
   static constexpr int y_bytes = C * BK * 2, z_bytes = C * BV * 2, g_bytes = C * 4;
   static constexpr int stage_bytes = y_bytes + z_bytes + g_bytes;
-  static constexpr int decay_offset = stages * stage_bytes;
-  static constexpr int decay_floats = 2 * C + C / 2 + 2;  // as chunk_decays writes them, per warp
-  static constexpr int smem_bytes = decay_offset + warps * decay_floats * 4;
-  static_assert(W % BK == 0 && W % BV == 0 && BK % 16 == 0 && tn % 2 == 0 && stages >= 2);
+  // After the stages: each warp's [16, BV] bf16 slab of R on its way to the chunk states.
+  static constexpr int out_offset = stages * stage_bytes, out_slab_bytes = 16 * BV * 2;
+  static constexpr int smem_bytes = out_offset + warps * out_slab_bytes;
+  static_assert(W % BK == 0 && W % BV == 0 && BK % 16 == 0 && tn % 2 == 0 && stages >= 3);
 };
 
 // Tile shapes of the output pass: DK the padded head width, BV the value columns per block,
@@ -136,12 +139,21 @@ struct ChunkShape {
   static constexpr int decay_floats = 2 * C + C / 2 + 2;
   static constexpr int smem_bytes = decay_offset + decay_floats * 4;
   static constexpr int min_blocks = 227 * 1024 / (smem_bytes + 1024) < 4 ? 227 * 1024 / (smem_bytes + 1024) : 4;
+  // chunk_pair_kernel: the second sweep's x tile after the decay factors.
+  static constexpr int pair_x_offset = (smem_bytes + 127) / 128 * 128;
+  static constexpr int pair_smem_bytes = pair_x_offset + x_bytes;
+  static constexpr int pair_min_blocks =
+      227 * 1024 / (pair_smem_bytes + 1024) < 4 ? 227 * 1024 / (pair_smem_bytes + 1024) : 4;
 };
 
-// The shapes per padded width (16, 32, 64, 128). For width 128, measured on H200 (B4 H16 T8192
-// D128): value blocks of 128 beat 64 in the output pass and four state-pass stages beat three;
-// chunks of 128 tokens (fewer chunk states, more intra-chunk work) and whole-width state tiles
-// (fewer blocks) were slower.
+// The shapes per padded width (16, 32, 64, 128). For width 128, measured on H200 (H16 T8192
+// D128): in the output pass value blocks of 128 beat 64 and 16 warps beat 8 and 4 (x and y in
+// two slices of the head width, each its own cp.async group, was slower, and so were persistent
+// blocks walking the work items with two buffers, one block per SM). State pass, ms (B4
+// forward / B4 backward's two chains / B1 forward): 32×64 tiles of R with 4 stages 0.18 / 0.36–
+// 0.40 / 0.11, with 3 stages 0.18–0.24 / 0.36–0.48 / 0.11–0.18; 64×64, 4 stages 0.16–0.18 /
+// 0.37–0.38 / 0.11–0.13; 64×32 0.21 / 0.41 / 0.09; 32×32 0.29 / – / 0.10. Chunks of 128 tokens
+// (fewer chunk states, more intra-chunk work) were slower.
 template <int Width>
 struct DefaultShape;
 template <>
@@ -151,10 +163,12 @@ struct DefaultShape<32> : ChunkShape<32, 32, 8> {};
 template <>
 struct DefaultShape<64> : ChunkShape<64, 64, 8> {};
 template <>
-struct DefaultShape<128> : ChunkShape<128, 128, 8> {};
+struct DefaultShape<128> : ChunkShape<128, 128, 16> {};
 
 template <int Width>
-using DefaultStateShape = StateShape<Width, (Width < 64 ? Width : 64), (Width < 64 ? Width : 64), 4, 3>;
+struct DefaultStateShape : StateShape<Width, (Width < 64 ? Width : 64), (Width < 64 ? Width : 64), 4, 3> {};
+template <>
+struct DefaultStateShape<128> : StateShape<128, 32, 64, 4, 4> {};
 
 // Row t of one head of an operand, at base + t·stride.
 template <class T>
@@ -253,10 +267,64 @@ __device__ void chunk_decays(const float (&g)[C / 32], bool reverse, float scale
   if (lane == 0) total[0] = expf(last), total[1] = last;
 }
 
+// The state pass's factors of one chunk (one warp; lane l holds the log decays of tokens 2l and
+// 2l + 1): returns this lane's pair of weights as bf16x2, forward w_j = e^{b_C−b_j}, reverse
+// w_i = scale·e^{b_i}, and sets `total` = e^{b_C} (every lane).
+__device__ __forceinline__ std::uint32_t chunk_weights(float g0, float g1, bool reverse, float scale, float& total) {
+  static_assert(chunk_tokens == 64, "two tokens per lane");
+  constexpr float log2e = 1.4426950408889634f;
+  const int lane = threadIdx.x % 32;
+  const float run = g0 + g1;
+  float inclusive = run;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const float up = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += up;
+  }
+  const float last = __shfl_sync(0xffffffffu, inclusive, 31);
+  // b_{C−1} is b_C itself (padding adds zeros); b_i ≥ b_C up to rounding, so e^{b_C − b_i} ≤ 1.
+  const float b0 = inclusive - run + g0, b1 = lane == 31 ? last : inclusive;
+  total = ptx::fast_exp2(last * log2e);
+  const float w0 = reverse ? scale * ptx::fast_exp2(b0 * log2e) : ptx::fast_exp2((last - b0) * log2e);
+  const float w1 = reverse ? scale * ptx::fast_exp2(b1 * log2e) : ptx::fast_exp2((last - b1) * log2e);
+  return ptx::pack_bf16x2(w0, w1);
+}
+
+// One thread's share of loading a [C, Width] bf16 tile (rows are tokens) into its swizzled
+// layout on the vector path: column unit `unit` of rows first_row + k·row_step. The swizzle
+// repeats every 8 rows, so the shared offsets of the rows differ by whole row blocks.
+template <int Width, int Threads>
+struct TileShare {
+  static constexpr int C = chunk_tokens, units = Width / 8, row_step = Threads / units, per_thread = C / row_step;
+  static constexpr int row_bytes = Width * 2;
+  static_assert(Threads % units == 0 && C % row_step == 0 && row_step % 8 == 0);
+  int first_row = 0, col = 0;
+  std::uint32_t offset = 0;  // in the tile, of row first_row
+  bool in_head = false;      // col < D
+
+  __device__ TileShare(int col0, int d_head) {
+    const int unit = int(threadIdx.x) % units;
+    first_row = int(threadIdx.x) / units, col = col0 + 8 * unit;
+    offset = swizzled_row_offset<row_bytes>(first_row, unit);
+    in_head = col < d_head;
+  }
+  // Tokens [t0, t0 + C) of x (token t0 at `first`, `stride` elements apart), zero for tokens
+  // ≥ t0 + valid, into `tile`.
+  __device__ __forceinline__ void load(const bfloat16* first, std::int64_t stride, int valid, std::uint32_t tile) const {
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const int row = first_row + k * row_step;
+      const std::uint32_t dst = tile + offset + std::uint32_t(k * row_step * row_bytes);
+      if (in_head && row < valid) ptx::cp_async_16(dst, first + std::int64_t(row) * stride + col);
+      else ptx::st_shared_zero_16(dst);
+    }
+  }
+};
+
 template <class Shape>
 __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) state_pass_kernel(const __grid_constant__ SweepBatch p) {
   constexpr int W = Shape::W, BK = Shape::BK, BV = Shape::BV, C = Shape::C, stages = Shape::stages;
-  constexpr int y_row = BK * 2, z_row = BV * 2;
+  constexpr int threads = Shape::threads;
   extern __shared__ __align__(128) char smem[];
 
   const int k0 = blockIdx.x / (W / BV) * BK, v0 = blockIdx.x % (W / BV) * BV;
@@ -267,10 +335,10 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) state_pass_
   const bool reverse = s.reverse;
   const int n_chunks = int(chunk_count(T));
   const std::int64_t head = std::int64_t(b) * H + h;
-  float* const decay = reinterpret_cast<float*>(smem + Shape::decay_offset) + warp * Shape::decay_floats;
-  const std::uint32_t* const decay_w = reinterpret_cast<const std::uint32_t*>(decay + 2 * C);
   const Rows<const bfloat16> y_rows = rows_of(p, s.y, b, h), z_rows = rows_of(p, s.z, b, h);
   const float* const g_head = p.g + std::int64_t(b) * T * H + h;
+  const std::uint32_t stages_base = ptx::shared_address(smem);
+  char* const out_slab = smem + Shape::out_offset + warp * Shape::out_slab_bytes;
 
   // This warp's rows of R: k0 + 16·warp + gq (+ 8); columns v0 + 8j + 2tq (+ 1).
   const int row0 = k0 + 16 * warp + gq;
@@ -284,66 +352,85 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) state_pass_
       R[j][e] = initial && row < D && col < D ? initial[s.state_transposed ? col * D + row : row * D + col] : 0.f;
     }
 
+  const TileShare<BK, threads> y_share(k0, D);
+  const TileShare<BV, threads> z_share(v0, D);
   const auto chunk_at = [&](int step) { return reverse ? n_chunks - 1 - step : step; };
   const auto load_chunk = [&](int step) {
-    char* const stage = smem + step % stages * Shape::stage_bytes;
+    const int stage = step % stages;
+    char* const stage_ptr = smem + stage * Shape::stage_bytes;
     const int t0 = chunk_at(step) * C;
-    load_tile<BK, C, Shape::threads>(p, y_rows, t0, k0, stage);
-    load_tile<BV, C, Shape::threads>(p, z_rows, t0, v0, stage + Shape::y_bytes);
+    if (p.vector_io) {
+      const std::uint32_t y_tile = stages_base + std::uint32_t(stage * Shape::stage_bytes);
+      y_share.load(y_rows[t0], y_rows.stride, T - t0, y_tile);
+      z_share.load(z_rows[t0], z_rows.stride, T - t0, y_tile + Shape::y_bytes);
+    } else {
+      load_tile<BK, C, threads>(p, y_rows, t0, k0, stage_ptr);
+      load_tile<BV, C, threads>(p, z_rows, t0, v0, stage_ptr + Shape::y_bytes);
+    }
     // Log decays, zero past the sequence (padding tokens do not decay).
-    for (int i = threadIdx.x; i < C; i += Shape::threads) {
+    for (int i = threadIdx.x; i < C; i += threads) {
       const int t = t0 + i;
-      ptx::cp_async_4_or_zero(ptx::shared_address(stage + Shape::y_bytes + Shape::z_bytes + 4 * i),
+      ptx::cp_async_4_or_zero(ptx::shared_address(stage_ptr + Shape::y_bytes + Shape::z_bytes + 4 * i),
                               g_head + std::int64_t(t < T ? t : 0) * H, t < T);
     }
+  };
+  // The weights of the chunk of `step` from the log decays of its landed stage.
+  const auto weights_of = [&](int step, float& total) {
+    const float2 g = *reinterpret_cast<const float2*>(smem + step % stages * Shape::stage_bytes + Shape::y_bytes +
+                                                      Shape::z_bytes + 8 * lane);
+    return chunk_weights(g.x, g.y, reverse, p.scale, total);
   };
 #pragma unroll
   for (int step = 0; step + 1 < stages; ++step) {
     if (step < n_chunks) load_chunk(step);
     ptx::cp_async_commit();
   }
+  ptx::cp_async_wait<stages - 2>();
+  __syncthreads();
+  float total;
+  std::uint32_t w_pair = weights_of(0, total);
 
   bfloat16* const states = s.chunk_states + head * n_chunks * W * W;
   for (int step = 0; step < n_chunks; ++step) {
-    ptx::cp_async_wait<stages - 2>();
+    // Chunks up to step + 1 have landed for every thread, and every warp is done with the stage
+    // of step − 1.
+    ptx::cp_async_wait<stages - 3>();
     __syncthreads();
-    // The stage of step − 1 has been read by every warp: refill it stages − 1 chunks ahead.
-    if (step + stages - 1 < n_chunks) load_chunk(step + stages - 1);
-    ptx::cp_async_commit();
-    const char* const stage = smem + step % stages * Shape::stage_bytes;
-    const std::uint32_t y_base = ptx::shared_address(stage);
+    const std::uint32_t y_base = stages_base + std::uint32_t(step % stages * Shape::stage_bytes);
     const std::uint32_t z_base = y_base + Shape::y_bytes;
-    {
-      // This chunk's weights w and e^{b_C}, into the warp's own buffer.
-      const float* const g_stage = reinterpret_cast<const float*>(stage + Shape::y_bytes + Shape::z_bytes);
-      float g[C / 32];
-#pragma unroll
-      for (int e = 0; e < C / 32; ++e) g[e] = g_stage[lane * (C / 32) + e];
-      chunk_decays<C>(g, reverse, p.scale, decay);
-      __syncwarp();
-    }
-    const float total = decay[2 * C + C / 2];
 
-    // R entering this chunk, as the output pass reads it.
-    bfloat16* const entering = states + std::int64_t(chunk_at(step)) * W * W;
+    // R entering this chunk, as the output pass reads it: through the warp's slab, so that rows
+    // leave as whole 16-byte units.
 #pragma unroll
     for (int j = 0; j < Shape::tn; ++j) {
-      const int col = v0 + 8 * j + 2 * tq;
-      *reinterpret_cast<std::uint32_t*>(entering + row0 * W + col) = ptx::pack_bf16x2(R[j][0], R[j][1]);
-      *reinterpret_cast<std::uint32_t*>(entering + (row0 + 8) * W + col) = ptx::pack_bf16x2(R[j][2], R[j][3]);
+      const int col = 8 * j + 2 * tq;
+      *reinterpret_cast<std::uint32_t*>(out_slab + swizzled_element_offset<Shape::out_row>(gq, col)) =
+          ptx::pack_bf16x2(R[j][0], R[j][1]);
+      *reinterpret_cast<std::uint32_t*>(out_slab + swizzled_element_offset<Shape::out_row>(gq + 8, col)) =
+          ptx::pack_bf16x2(R[j][2], R[j][3]);
+    }
+    __syncwarp();
+    {
+      bfloat16* const entering = states + std::int64_t(chunk_at(step)) * W * W + (k0 + 16 * warp) * W + v0;
+      constexpr int units = BV / 8;
+#pragma unroll
+      for (int i = lane; i < 16 * units; i += 32)
+        *reinterpret_cast<uint4*>(entering + i / units * W + i % units * 8) =
+            *reinterpret_cast<const uint4*>(out_slab + swizzled_row_offset<Shape::out_row>(i / units, i % units));
     }
 
-    // R = e^{b_C} R + Yᵀ diag(w) Z.
+    // R = e^{b_C} R + Yᵀ diag(w) Z; lane m holds the weights of tokens 2m and 2m + 1.
 #pragma unroll
     for (int j = 0; j < Shape::tn; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) R[j][e] *= total;
 #pragma unroll
     for (int kk = 0; kk < C / 16; ++kk) {
-      const std::uint32_t w01 = decay_w[8 * kk + tq], w89 = decay_w[8 * kk + tq + 4];
+      const std::uint32_t w01 = __shfl_sync(0xffffffffu, w_pair, 8 * kk + tq);
+      const std::uint32_t w89 = __shfl_sync(0xffffffffu, w_pair, 8 * kk + tq + 4);
       std::uint32_t a[4];
-      ptx::ldmatrix_x4_trans(a, y_base + swizzled_row_offset<y_row>(16 * kk + (lane & 7) + ((lane >> 4) << 3),
-                                                                    2 * warp + ((lane >> 3) & 1)));
+      ptx::ldmatrix_x4_trans(a, y_base + swizzled_row_offset<Shape::y_row>(16 * kk + (lane & 7) + ((lane >> 4) << 3),
+                                                                           2 * warp + ((lane >> 3) & 1)));
       a[0] = ptx::mul_bf16x2(a[0], w01);
       a[1] = ptx::mul_bf16x2(a[1], w01);
       a[2] = ptx::mul_bf16x2(a[2], w89);
@@ -351,12 +438,18 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) state_pass_
 #pragma unroll
       for (int j = 0; j < Shape::tn; j += 2) {
         std::uint32_t bf[4];
-        ptx::ldmatrix_x4_trans(bf, z_base + swizzled_row_offset<z_row>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                                       j + (lane >> 4)));
+        ptx::ldmatrix_x4_trans(bf, z_base + swizzled_row_offset<Shape::z_row>(
+                                                16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), j + (lane >> 4)));
         ptx::mma_m16n8k16_bf16(R[j], a, bf[0], bf[1]);
         ptx::mma_m16n8k16_bf16(R[j + 1], a, bf[2], bf[3]);
       }
     }
+
+    // While the tensor cores run: refill the stage of step − 1 stages − 1 chunks ahead, and the
+    // next chunk's weights, off the chain's critical path.
+    if (step + stages - 1 < n_chunks) load_chunk(step + stages - 1);
+    ptx::cp_async_commit();
+    if (step + 1 < n_chunks) w_pair = weights_of(step + 1, total);
   }
 
   if (s.state_out) {
@@ -371,61 +464,52 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) state_pass_
   }
 }
 
+// Where an output-pass block works: batch b, head h, chunk (first token t0), value block.
+struct ChunkSpot {
+  int b = 0, h = 0, chunk = 0, t0 = 0, v_block = 0;
+  std::int64_t head = 0;  // b·H + h
+};
+
+// R entering the chunk, columns [v_block·BV, +BV) of its [DK, DK] state `state`, into r_tile: a
+// [DK, BV] tile, or from the transpose the [BV, DK] tile of rows [v_block·BV, +BV).
 template <class Shape>
-__global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) chunk_pass_kernel(const __grid_constant__ SweepBatch p) {
-  constexpr int DK = Shape::DK, BV = Shape::BV, C = Shape::C, threads = Shape::threads;
-  constexpr int x_row = DK * 2, z_row = BV * 2, a_row = C * 2;
-  extern __shared__ __align__(128) char smem[];
-
-  const int v_block = blockIdx.x % Shape::v_blocks, chunk = blockIdx.x / Shape::v_blocks;
-  const int h = blockIdx.y, b = blockIdx.z / p.n_sweeps;
-  const Sweep& s = p.sweep[blockIdx.z % p.n_sweeps];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
-  const int T = p.length, D = p.d_head, H = p.n_heads;
-  const bool reverse = s.reverse;
-  const int t0 = chunk * C;
-  const std::int64_t head = std::int64_t(b) * H + h;
-
-  char* const r_tile = smem + Shape::r_offset;
-  char* const a_tile = smem + Shape::a_offset;
-  float* const decay = reinterpret_cast<float*>(smem + Shape::decay_offset);
-  const std::uint32_t x_base = ptx::shared_address(smem), y_base = x_base + Shape::x_bytes;
-  const std::uint32_t z_base = y_base + Shape::y_bytes;
-  const std::uint32_t r_base = ptx::shared_address(r_tile), a_base = ptx::shared_address(a_tile);
-
-  load_tile<DK, C, threads>(p, rows_of(p, s.x, b, h), t0, 0, smem);
-  load_tile<DK, C, threads>(p, rows_of(p, s.y, b, h), t0, 0, smem + Shape::x_bytes);
-  // R entering the chunk, columns [v_block·BV, +BV) of its [DK, DK] state: a [DK, BV] tile, or
-  // from the transpose the [BV, DK] tile of rows [v_block·BV, +BV).
-  const bool transposed = s.chunk_states_transposed;
-  {
-    constexpr int total = DK * BV / 8, per_thread = (total + threads - 1) / threads;
-    const bfloat16* const state = s.chunk_states + (head * chunk_count(T) + chunk) * DK * DK;
+__device__ __forceinline__ void load_state_tile(const bfloat16* state, char* r_tile, bool transposed, int v_block) {
+  constexpr int DK = Shape::DK, BV = Shape::BV, threads = Shape::threads;
+  constexpr int x_row = DK * 2, z_row = BV * 2;
+  constexpr int total = DK * BV / 8, per_thread = (total + threads - 1) / threads;
 #pragma unroll
-    for (int k = 0; k < per_thread; ++k) {
-      const int i = threadIdx.x + k * threads;
-      if (total % threads != 0 && i >= total) break;
-      if (transposed) {
-        const int row = i / (DK / 8), unit = i % (DK / 8);
-        ptx::cp_async_16(ptx::shared_address(r_tile + swizzled_row_offset<x_row>(row, unit)),
-                         state + (v_block * BV + row) * DK + unit * 8);
-      } else {
-        const int row = i / (BV / 8), unit = i % (BV / 8);
-        ptx::cp_async_16(ptx::shared_address(r_tile + swizzled_row_offset<z_row>(row, unit)),
-                         state + row * DK + v_block * BV + unit * 8);
-      }
+  for (int k = 0; k < per_thread; ++k) {
+    const int i = threadIdx.x + k * threads;
+    if (total % threads != 0 && i >= total) break;
+    if (transposed) {
+      const int row = i / (DK / 8), unit = i % (DK / 8);
+      ptx::cp_async_16(ptx::shared_address(r_tile + swizzled_row_offset<x_row>(row, unit)),
+                       state + (v_block * BV + row) * DK + unit * 8);
+    } else {
+      const int row = i / (BV / 8), unit = i % (BV / 8);
+      ptx::cp_async_16(ptx::shared_address(r_tile + swizzled_row_offset<z_row>(row, unit)),
+                       state + row * DK + v_block * BV + unit * 8);
     }
   }
-  ptx::cp_async_commit();
-  load_tile<BV, C, threads>(p, rows_of(p, s.z, b, h), t0, v_block * BV, smem + Shape::x_bytes + Shape::y_bytes);
-  ptx::cp_async_commit();
-  if (warp == 0) {
-    float g[C / 32];
-    load_log_decays<C>(Rows<const float>{p.g + std::int64_t(b) * T * H + h, H}, t0, T, g);
-    chunk_decays<C>(g, reverse, p.scale, decay);
-  }
-  ptx::cp_async_wait<1>();  // x, y and R; z may still be in flight
-  __syncthreads();
+}
+
+// One sweep's outputs of one chunk from the tiles x, y, z and R in shared memory (bases as
+// shared addresses; x_tile the generic pointer of x, where bf16 outputs are staged), the decay
+// buffer written and the scores' tile free. wait_xyr() before (1) and wait_z() before (2) wait
+// for the caller's cp.async groups; a barrier follows each.
+template <class Shape, class WaitXYR, class WaitZ>
+__device__ __forceinline__ void chunk_outputs(const SweepBatch& p, const Sweep& s, const ChunkSpot& at,
+                                              std::uint32_t x_base, std::uint32_t y_base, std::uint32_t z_base,
+                                              std::uint32_t r_base, char* x_tile, char* a_tile, const float* decay,
+                                              WaitXYR&& wait_xyr, WaitZ&& wait_z) {
+  constexpr int DK = Shape::DK, BV = Shape::BV, C = Shape::C;
+  constexpr int x_row = DK * 2, z_row = BV * 2, a_row = C * 2;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
+  const int T = p.length, D = p.d_head;
+  const int b = at.b, h = at.h, t0 = at.t0, v_block = at.v_block;
+  const std::int64_t head = at.head;
+  const bool reverse = s.reverse, transposed = s.chunk_states_transposed;
+  const std::uint32_t a_base = ptx::shared_address(a_tile);
   const float* const decay_b2 = decay;
   const float* const decay_f = decay + C;
 
@@ -453,6 +537,8 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) chunk_pass_
       use(n, bf[0], bf[1]);
     }
   };
+  wait_xyr();
+  __syncthreads();
 #pragma unroll
   for (int kk = 0; kk < DK / 16; ++kk) {
     std::uint32_t a[4];
@@ -517,7 +603,7 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) chunk_pass_
   const float f0 = decay_f[row0 + gq], f1 = decay_f[row0 + gq + 8];
 #pragma unroll
   for (int n = 0; n < out_tiles; ++n) out[n][0] *= f0, out[n][1] *= f0, out[n][2] *= f1, out[n][3] *= f1;
-  ptx::cp_async_wait<0>();
+  wait_z();
   __syncthreads();
 
   // (2) out += A Z over the visible key blocks, then the output rows [row0, row0 + 16).
@@ -552,7 +638,7 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) chunk_pass_
       if (!token || col >= D) continue;
       if (p.vector_io) {
         if (staged)
-          *reinterpret_cast<std::uint32_t*>(smem + swizzled_element_offset<x_row>(row0 + gq + 8 * half,
+          *reinterpret_cast<std::uint32_t*>(x_tile + swizzled_element_offset<x_row>(row0 + gq + 8 * half,
                                                                                   col0 + 8 * n + 2 * tq)) =
               ptx::pack_bf16x2(v0, v1);
         else *reinterpret_cast<float2*>(s.out_f32 + out_row + col) = make_float2(v0, v1);
@@ -592,32 +678,118 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) chunk_pass_
       const int t = t0 + row, col = v_block * BV + 8 * unit;
       if (t < T && col < D)
         *reinterpret_cast<uint4*>(s.out + out_head + std::int64_t(t) * s.out_stride + col) =
-            *reinterpret_cast<const uint4*>(smem + swizzled_row_offset<x_row>(row, unit));
+            *reinterpret_cast<const uint4*>(x_tile + swizzled_row_offset<x_row>(row, unit));
     }
   }
 }
 
+// The output pass of one sweep per block: grid (value blocks × chunks, heads, batch × sweeps).
+template <class Shape>
+__global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) chunk_pass_kernel(const __grid_constant__ SweepBatch p) {
+  constexpr int DK = Shape::DK, BV = Shape::BV, C = Shape::C, threads = Shape::threads;
+  extern __shared__ __align__(128) char smem[];
+  ChunkSpot at;
+  at.v_block = blockIdx.x % Shape::v_blocks, at.chunk = blockIdx.x / Shape::v_blocks;
+  at.h = blockIdx.y, at.b = blockIdx.z / p.n_sweeps;
+  at.t0 = at.chunk * C, at.head = std::int64_t(at.b) * p.n_heads + at.h;
+  const Sweep& s = p.sweep[blockIdx.z % p.n_sweeps];
+  char* const r_tile = smem + Shape::r_offset;
+  float* const decay = reinterpret_cast<float*>(smem + Shape::decay_offset);
+  const std::uint32_t x_base = ptx::shared_address(smem), y_base = x_base + Shape::x_bytes;
+  const std::uint32_t z_base = y_base + Shape::y_bytes;
+
+  load_tile<DK, C, threads>(p, rows_of(p, s.x, at.b, at.h), at.t0, 0, smem);
+  load_tile<DK, C, threads>(p, rows_of(p, s.y, at.b, at.h), at.t0, 0, smem + Shape::x_bytes);
+  load_state_tile<Shape>(s.chunk_states + (at.head * chunk_count(p.length) + at.chunk) * DK * DK, r_tile,
+                         s.chunk_states_transposed, at.v_block);
+  ptx::cp_async_commit();
+  load_tile<BV, C, threads>(p, rows_of(p, s.z, at.b, at.h), at.t0, at.v_block * BV, smem + Shape::x_bytes + Shape::y_bytes);
+  ptx::cp_async_commit();
+  if (threadIdx.x < 32) {
+    float g[C / 32];
+    load_log_decays<C>(Rows<const float>{p.g + std::int64_t(at.b) * p.length * p.n_heads + at.h, p.n_heads}, at.t0,
+                       p.length, g);
+    chunk_decays<C>(g, s.reverse, p.scale, decay);
+  }
+  chunk_outputs<Shape>(p, s, at, x_base, y_base, z_base, ptx::shared_address(r_tile), smem, smem + Shape::a_offset,
+                       decay, [] { ptx::cp_async_wait<1>(); }, [] { ptx::cp_async_wait<0>(); });
+}
+
+// The output passes of two sweeps per block that share their inputs and their chunk states: the
+// backward's dv (x, y, z) = (k, q, d_o), R = dS, then dk (v, d_o, q), R = dSᵀ. With one value
+// block (BV = DK) R's tile holds the same rows either way, and first's z tile is second's y
+// tile and the other way round; only second's x (v) comes on top. Grid (chunks, heads, batch);
+// p.sweep[0] is first, p.sweep[1] second.
+template <class Shape>
+__global__ void __launch_bounds__(Shape::threads, Shape::pair_min_blocks) chunk_pair_kernel(const __grid_constant__ SweepBatch p) {
+  constexpr int DK = Shape::DK, C = Shape::C, threads = Shape::threads;
+  static_assert(Shape::v_blocks == 1, "paired sweeps swap y and z tiles: one value block");
+  extern __shared__ __align__(128) char smem[];
+  ChunkSpot at;
+  at.chunk = blockIdx.x, at.h = blockIdx.y, at.b = blockIdx.z;
+  at.t0 = at.chunk * C, at.head = std::int64_t(at.b) * p.n_heads + at.h;
+  const Sweep& first = p.sweep[0];
+  const Sweep& second = p.sweep[1];
+  char* const r_tile = smem + Shape::r_offset;
+  char* const second_x = smem + Shape::pair_x_offset;
+  float* const decay = reinterpret_cast<float*>(smem + Shape::decay_offset);
+  const std::uint32_t x_base = ptx::shared_address(smem), y_base = x_base + Shape::x_bytes;
+  const std::uint32_t z_base = y_base + Shape::y_bytes, r_base = ptx::shared_address(r_tile);
+
+  load_tile<DK, C, threads>(p, rows_of(p, first.x, at.b, at.h), at.t0, 0, smem);
+  load_tile<DK, C, threads>(p, rows_of(p, first.y, at.b, at.h), at.t0, 0, smem + Shape::x_bytes);
+  load_state_tile<Shape>(first.chunk_states + (at.head * chunk_count(p.length) + at.chunk) * DK * DK, r_tile,
+                         first.chunk_states_transposed, 0);
+  ptx::cp_async_commit();
+  load_tile<DK, C, threads>(p, rows_of(p, first.z, at.b, at.h), at.t0, 0, smem + Shape::x_bytes + Shape::y_bytes);
+  ptx::cp_async_commit();
+  load_tile<DK, C, threads>(p, rows_of(p, second.x, at.b, at.h), at.t0, 0, second_x);
+  ptx::cp_async_commit();
+  if (threadIdx.x < 32) {  // both sweeps run in the same direction over the same log decays
+    float g[C / 32];
+    load_log_decays<C>(Rows<const float>{p.g + std::int64_t(at.b) * p.length * p.n_heads + at.h, p.n_heads}, at.t0,
+                       p.length, g);
+    chunk_decays<C>(g, first.reverse, p.scale, decay);
+  }
+  char* const a_tile = smem + Shape::a_offset;
+  chunk_outputs<Shape>(p, first, at, x_base, y_base, z_base, r_base, smem, a_tile, decay,
+                       [] { ptx::cp_async_wait<2>(); }, [] { ptx::cp_async_wait<1>(); });
+  chunk_outputs<Shape>(p, second, at, ptx::shared_address(second_x), z_base, y_base, r_base, second_x, a_tile, decay,
+                       [] { ptx::cp_async_wait<0>(); }, [] {});
+}
+
 // Runs the state pass over the sweeps of `chains`, grid (tiles of R, heads, batch × sweeps), then
 // the output pass over the sweeps of `batch`, grid (value blocks × chunks, heads, batch × sweeps),
-// which read the chunk states the chains wrote.
+// and over the two sweeps of `paired` (none when paired.n_sweeps is 0), grid (chunks, heads,
+// batch), which read the chunk states the chains wrote.
 template <int Width>
-void launch_sweeps(const SweepBatch& chains, const SweepBatch& batch, cudaStream_t stream) {
+void launch_sweeps(const SweepBatch& chains, const SweepBatch& batch, const SweepBatch& paired, cudaStream_t stream) {
   using States = DefaultStateShape<Width>;
   using Chunks = DefaultShape<Width>;
   const auto state_kernel = state_pass_kernel<States>;
-  const auto chunk_kernel = chunk_pass_kernel<Chunks>;
   check(cudaFuncSetAttribute(state_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, States::smem_bytes),
         "gla state pass: cudaFuncSetAttribute");
-  check(cudaFuncSetAttribute(chunk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Chunks::smem_bytes),
-        "gla output pass: cudaFuncSetAttribute");
-  const unsigned heads = unsigned(batch.n_heads);
+  const unsigned heads = unsigned(chains.n_heads);
   state_kernel<<<dim3(States::tiles, heads, unsigned(chains.batch * chains.n_sweeps)), States::threads,
                  States::smem_bytes, stream>>>(chains);
   check(cudaGetLastError(), "gla state pass launch");
-  const unsigned blocks = unsigned(Chunks::v_blocks * chunk_count(batch.length));
-  chunk_kernel<<<dim3(blocks, heads, unsigned(batch.batch * batch.n_sweeps)), Chunks::threads, Chunks::smem_bytes,
-                 stream>>>(batch);
-  check(cudaGetLastError(), "gla output pass launch");
+  const unsigned chunks = unsigned(chunk_count(chains.length));
+  if (batch.n_sweeps > 0) {
+    const auto chunk_kernel = chunk_pass_kernel<Chunks>;
+    check(cudaFuncSetAttribute(chunk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Chunks::smem_bytes),
+          "gla output pass: cudaFuncSetAttribute");
+    chunk_kernel<<<dim3(Chunks::v_blocks * chunks, heads, unsigned(batch.batch * batch.n_sweeps)), Chunks::threads,
+                   Chunks::smem_bytes, stream>>>(batch);
+    check(cudaGetLastError(), "gla output pass launch");
+  }
+  if (paired.n_sweeps > 0) {
+    const auto pair_kernel = chunk_pair_kernel<Chunks>;
+    check(cudaFuncSetAttribute(pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Chunks::pair_smem_bytes),
+          "gla paired output pass: cudaFuncSetAttribute");
+    pair_kernel<<<dim3(chunks, heads, unsigned(paired.batch)), Chunks::threads, Chunks::pair_smem_bytes, stream>>>(
+        paired);
+    check(cudaGetLastError(), "gla paired output pass launch");
+  }
 }
 
 }  // namespace dash::cuda::gla::detail
