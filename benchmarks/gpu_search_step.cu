@@ -10,8 +10,9 @@
 // product; the fused loss (whose GEMMs run inside lm_loss: two logit products and d_hidden) is
 // timed as one region. Device memory is what the process holds after the steps.
 //
-//   gpu_search_step [smollm2|qwen3b|all] [batch] [length] [recomputed|kept|both]
-//       (default all: SmolLM2 16 × 2048, Qwen2.5-3B 4 × 4096; both)
+//   gpu_search_step [smollm2|qwen3b|all] [batch] [length] [recomputed|kept|both] [fastest|heuristic]
+//       (default all: SmolLM2 16 × 2048, Qwen2.5-3B 4 × 4096; both; GEMM algorithms timed in the
+//       warm-up as the dash tool does, or cuBLASLt's first heuristic choice)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -95,14 +96,15 @@ double reference_rate(cudaStream_t stream) {
 }
 
 template <class... Ops>
-void run(const std::string& name, index_t B, index_t T, cm::Activations activations, double reference_tflops,
-         Ops... ops) {
+void run(const std::string& name, index_t B, index_t T, cm::Activations activations, dash::cuda::GemmChoice choice,
+         double reference_tflops, Ops... ops) {
   const model::Config c = shape(name);
   std::printf("\n%s: %d layers, d %d, %d/%d heads of %d, d_ff %d, vocab %d, B×T = %lld × %lld, %d operators, "
-              "activations %s\n",
+              "activations %s, GEMM algorithms %s\n",
               name.c_str(), c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_ff, c.vocab_size,
               (long long)B, (long long)T, int(sizeof...(Ops)),
-              activations == cm::Activations::kept ? "kept" : "recomputed");
+              activations == cm::Activations::kept ? "kept" : "recomputed",
+              choice == dash::cuda::GemmChoice::fastest ? "timed" : "heuristic");
   std::fflush(stdout);
   std::size_t free_before = 0, total = 0;
   dash::cuda::check(cudaMemGetInfo(&free_before, &total), "cudaMemGetInfo");
@@ -111,7 +113,7 @@ void run(const std::string& name, index_t B, index_t T, cm::Activations activati
   const model::Decoder<float, Mixer> decoder(
       c, bench::random_weights(c),
       [&](int, const AttentionShape& s, AttentionWeights<float> a) { return Mixer(s, std::move(a), rng, ops...); });
-  cm::DeviceSearchModel<Ops...> model(decoder, B * T, T, activations);
+  cm::DeviceSearchModel<Ops...> model(decoder, B * T, T, activations, choice);
 
   const int m = model.n_ops(), L = model.n_layers();
   Tensor<int> ids(Shape{B * T});
@@ -220,6 +222,11 @@ int main(int argc, char** argv) {
     const std::string which = argc > 1 ? argv[1] : "all";
     const index_t batch = argc > 2 ? std::atoll(argv[2]) : 0, length = argc > 3 ? std::atoll(argv[3]) : 0;
     const std::string mode = argc > 4 ? argv[4] : "both";
+    const std::string algorithms = argc > 5 ? argv[5] : "fastest";
+    if (algorithms != "fastest" && algorithms != "heuristic")
+      fail("gpu_search_step: GEMM algorithms '", algorithms, "', expected fastest or heuristic");
+    const auto choice =
+        algorithms == "fastest" ? dash::cuda::GemmChoice::fastest : dash::cuda::GemmChoice::heuristic;
     std::vector<cm::Activations> modes;
     if (mode != "kept") modes.push_back(cm::Activations::recomputed);
     if (mode != "recomputed") modes.push_back(cm::Activations::kept);
@@ -229,10 +236,10 @@ int main(int argc, char** argv) {
     std::printf("cuBLASLt bf16 8192^3: %.1f TFLOP/s\n", reference);
     for (const cm::Activations a : modes) {
       if (which == "smollm2" || which == "all")
-        run("smollm2", batch ? batch : 16, length ? length : 2048, a, reference, Softmax{}, SlidingWindow<512>{},
+        run("smollm2", batch ? batch : 16, length ? length : 2048, a, choice, reference, Softmax{}, SlidingWindow<512>{},
             GatedLinear{}, GatedDeltaNet{});
       if (which == "qwen3b" || which == "all")
-        run("qwen3b", batch ? batch : 4, length ? length : 4096, a, reference, Softmax{}, SlidingWindow<2048>{},
+        run("qwen3b", batch ? batch : 4, length ? length : 4096, a, choice, reference, Softmax{}, SlidingWindow<2048>{},
             GatedLinear{});
     }
     return 0;

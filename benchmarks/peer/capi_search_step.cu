@@ -55,7 +55,8 @@ template <class... Ops>
 class TypedSearchStep final : public SearchStep {
  public:
   TypedSearchStep(const model::Config& c, index_t batch, index_t length, Ops... ops)
-      : batch_(batch), length_(length), model_(decoder(c, ops...), batch * length, length, dash::cuda::model::Activations::kept),
+      : batch_(batch), length_(length), model_(decoder(c, ops...), batch * length, length, dash::cuda::model::Activations::kept,
+             dash::cuda::GemmChoice::fastest),
         run_(std::size_t(c.n_layers) * sizeof...(Ops), 1) {}
 
   void run(const int* ids, const float* pi, cudaStream_t stream) override {

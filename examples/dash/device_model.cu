@@ -20,7 +20,8 @@ namespace {
 using DeviceModel = cuda::model::DeviceSearchModel<Softmax, SlidingWindow<>, GatedLinear, GatedDeltaNet>;
 
 // Every layer's activations kept from the forward when they fit in the device's memory (no
-// forward runs twice), else recomputed layer by layer in the backward.
+// forward runs twice), else recomputed layer by layer in the backward. Each GEMM shape runs the
+// fastest of cuBLASLt's candidate algorithms, timed in the first step.
 class CudaStep final : public DeviceSearchStep {
  public:
   CudaStep(const SearchDecoder& decoder, index_t batch, index_t length, std::string name)
@@ -38,10 +39,12 @@ class CudaStep final : public DeviceSearchStep {
  private:
   static std::unique_ptr<DeviceModel> make_model(const SearchDecoder& decoder, index_t tokens, index_t length) {
     try {
-      return std::make_unique<DeviceModel>(decoder, tokens, length, cuda::model::Activations::kept);
+      return std::make_unique<DeviceModel>(decoder, tokens, length, cuda::model::Activations::kept,
+                                           cuda::GemmChoice::fastest);
     } catch (const Error&) {
       (void)cudaGetLastError();  // the failed allocation
-      return std::make_unique<DeviceModel>(decoder, tokens, length, cuda::model::Activations::recomputed);
+      return std::make_unique<DeviceModel>(decoder, tokens, length, cuda::model::Activations::recomputed,
+                                           cuda::GemmChoice::fastest);
     }
   }
 

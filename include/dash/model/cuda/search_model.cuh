@@ -86,8 +86,13 @@ class DeviceSearchModel {
   template <class T>
     requires(std::is_same_v<T, float> || std::is_same_v<T, double>)
   DeviceSearchModel(const dash::model::Decoder<T, BasicMixedAttention<T, Ops...>>& decoder, index_t max_tokens,
-                    index_t max_length, Activations activations = Activations::recomputed)
-      : config_(decoder.config()), max_tokens_(max_tokens), max_length_(max_length), activations_(activations) {
+                    index_t max_length, Activations activations = Activations::recomputed,
+                    GemmChoice gemm_choice = GemmChoice::heuristic)
+      : config_(decoder.config()),
+        max_tokens_(max_tokens),
+        max_length_(max_length),
+        activations_(activations),
+        gemm_(Gemm::default_workspace_bytes, gemm_choice) {
     const dash::model::Config& c = config_;
     c.validate();
     require(max_length >= 1 && max_length <= std::numeric_limits<int>::max(), "DeviceSearchModel: max_length = ",
