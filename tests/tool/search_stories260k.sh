@@ -24,6 +24,22 @@ expect_error() {  # expect_error DESCRIPTION MESSAGE_PART ARGS...
 }
 # Everything a search decides, without the wall-clock columns (tokens, seconds).
 decisions() { cut -d, -f1,4- "$1/search_log.csv"; grep -v '"seconds"' "$1/arch.json"; }
+# interrupted DIR SIGNAL...: the seed-3 search in DIR (from run a's candidates), sent each signal
+# once 40 steps are logged; its exit status in $status, its output in DIR.log.
+interrupted() {
+  local dir=$1 pid
+  mkdir -p "$dir"
+  cp "$work/a/nested/candidates.safetensors" "$dir/"
+  "$dash" search "${model[@]}" "${common[@]}" --tokens 40960 --seed 3 --out "$dir" >"$dir.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 400); do
+    [ -f "$dir/search_log.csv" ] && [ "$(wc -l <"$dir/search_log.csv")" -ge 40 ] && break
+    sleep 0.05
+  done
+  for signal in "${@:2}"; do kill "-$signal" "$pid"; done
+  wait "$pid"
+  status=$?
+}
 
 # An uninterrupted run, twice with one seed and once with another.
 "$dash" run "${model[@]}" "${common[@]}" --tokens 40960 --seed 3 --out "$work/a/nested" >"$work/a.log" 2>&1
@@ -38,17 +54,7 @@ decisions "$work/a/nested" >"$work/a.decisions"
 check "a search with the same seed decides the same" diff "$work/a.decisions" <(decisions "$work/a/nested")
 
 # The same search interrupted by SIGINT once some steps are logged, then resumed.
-mkdir -p "$work/b"
-cp "$work/a/nested/candidates.safetensors" "$work/b/"
-"$dash" search "${model[@]}" "${common[@]}" --tokens 40960 --seed 3 --out "$work/b" >"$work/b.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 400); do
-  [ -f "$work/b/search_log.csv" ] && [ "$(wc -l <"$work/b/search_log.csv")" -ge 40 ] && break
-  sleep 0.05
-done
-kill -INT "$pid"
-wait "$pid"
-status=$?
+interrupted "$work/b" INT
 check "SIGINT exits with status 130" test "$status" -eq 130
 check "SIGINT leaves a checkpoint" test -s "$work/b/search.ckpt"
 check "the interrupted search stopped early" test "$(wc -l <"$work/b/search_log.csv")" -lt 641
@@ -61,18 +67,7 @@ check "another seed's search logs other steps" bash -c "! diff -q '$work/a.decis
 
 # The same signal twice at once (what `timeout` and process-group kills deliver) is one request:
 # the search still stops at the end of its step and saves.
-mkdir -p "$work/e"
-cp "$work/a/nested/candidates.safetensors" "$work/e/"
-"$dash" search "${model[@]}" "${common[@]}" --tokens 40960 --seed 3 --out "$work/e" >"$work/e.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 400); do
-  [ -f "$work/e/search_log.csv" ] && [ "$(wc -l <"$work/e/search_log.csv")" -ge 40 ] && break
-  sleep 0.05
-done
-kill -TERM "$pid"
-kill -TERM "$pid"
-wait "$pid"
-status=$?
+interrupted "$work/e" TERM TERM
 check "SIGTERM twice at once exits with status 130" test "$status" -eq 130
 check "... after saving a checkpoint" grep -q "interrupted at step" "$work/e.log"
 
