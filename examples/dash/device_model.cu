@@ -38,13 +38,14 @@ class CudaStep final : public DeviceSearchStep {
 
  private:
   static std::unique_ptr<DeviceModel> make_model(const SearchDecoder& decoder, index_t tokens, index_t length) {
+    const auto make = [&](cuda::model::Activations activations) {
+      return std::make_unique<DeviceModel>(decoder, tokens, length, activations, cuda::GemmChoice::fastest);
+    };
     try {
-      return std::make_unique<DeviceModel>(decoder, tokens, length, cuda::model::Activations::kept,
-                                           cuda::GemmChoice::fastest);
+      return make(cuda::model::Activations::kept);
     } catch (const Error&) {
       (void)cudaGetLastError();  // the failed allocation
-      return std::make_unique<DeviceModel>(decoder, tokens, length, cuda::model::Activations::recomputed,
-                                           cuda::GemmChoice::fastest);
+      return make(cuda::model::Activations::recomputed);
     }
   }
 

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(32 * norm_rows_per_block)
       for (int j = 0; j < kWidth; ++j) dx[j] = 0;
     }
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) dx[j] = round_to<Grad>(dx[j] + r * g[j] * dy[j] - x[j] * along_x);
+    for (int j = 0; j < kWidth; ++j) dx[j] += r * g[j] * dy[j] - x[j] * along_x;
     store_vector(p.dx + base + c, dx);
     if (p.dx_rounded) store_vector(p.dx_rounded + base + c, dx);
   }

@@ -172,7 +172,8 @@ inline void rope(const RopeParams& p, cudaStream_t stream) {
   require(t.cos && t.sin, "rope: the table has no device data");
   require(p.position_offset + p.length <= t.positions, "rope: positions [", p.position_offset, ", ",
           p.position_offset + p.length, ") exceed the table's ", t.positions);
-  require(index_t(p.batch) * p.length * (p.n_q_heads + p.n_k_heads) * (t.d_head / 2) < (index_t(1) << 40),
+  // One thread per pair at worst, 256 to a block, at most 2³¹ − 1 blocks.
+  require(index_t(p.batch) * p.length * (p.n_q_heads + p.n_k_heads) * (t.d_head / 2) < (index_t(1) << 39),
           "rope: ", p.batch, " × ", p.length, " tokens of ", p.n_q_heads + p.n_k_heads, " heads exceed one launch");
   if (t.style == RopeConfig::Style::interleaved)
     detail::launch_rope<RopeConfig::Style::interleaved>(p, stream);
