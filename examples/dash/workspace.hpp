@@ -92,6 +92,7 @@ inline std::unique_ptr<Workspace> open_workspace(SearchArgs args) {
   const OpSet ops = OpSet::parse(args.ops);
   const search::Budget budget = search::Budget::parse(args.budget);
 
+  const Stopwatch loading;
   io::LoadedModel loaded = io::load_model(args.model.model, args.model.tokenizer);
   require(bool(loaded.tokenizer), loaded.checkpoint.path, ": no tokenizer found for this model, give one with --tokenizer");
   const model::Config config = loaded.checkpoint.config;
@@ -101,12 +102,17 @@ inline std::unique_ptr<Workspace> open_workspace(SearchArgs args) {
           config.context_length, " (the model's context)");
   const std::string name = loaded.checkpoint.name;
   const std::string fp = io::fingerprint(config, loaded.checkpoint.weights);
+  const double weights = double(loaded.checkpoint.weights.parameter_count());
   SearchDecoder decoder = make_search_decoder(std::move(loaded.checkpoint), ops, args.seed);
   auto ws = std::unique_ptr<Workspace>(new Workspace{std::move(args), name, fp, std::move(*loaded.tokenizer),
                                                      loaded.add_bos, ops, budget, context, seq_len, std::move(decoder), {}});
   ws->costs();  // a budget no architecture meets fails here, before any work
+  const double model_seconds = loading.seconds();
   ws->corpus = make_corpus(ws->model(), ws->tokenizer, ws->add_bos, ws->args.data, ws->args.eval_data,
                            std::max(ws->args.tokens, ws->args.prepare_tokens), seq_len, ws->args.seed);
+  std::fprintf(stderr, "loaded %s (%.3g B weights) in %.1f s, text (%zu + %zu held-out tokens) in %.1f s\n",
+               ws->model_name.c_str(), weights * 1e-9, model_seconds,
+               ws->corpus.calibration.size(), ws->corpus.held_out.size(), loading.seconds() - model_seconds);
   return ws;
 }
 

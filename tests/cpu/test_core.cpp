@@ -1,14 +1,22 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
 
 #include "dash/core/dtype.hpp"
+#include "dash/core/parallel.hpp"
 #include "dash/core/rng.hpp"
 #include "dash/core/tensor.hpp"
 #include "dash/ops/attention.hpp"
 #include "dash/ops/rope.hpp"
 #include "support/compare.hpp"
+#include "support/errors.hpp"
 #include "support/random.hpp"
 
 using namespace dash;
@@ -41,6 +49,45 @@ TEST_CASE("Rng is reproducible for a seed and its normals have unit variance") {
   // Standard errors: 1/sqrt(n) for the mean, sqrt(2/n) for the variance; allow 6 of them.
   CHECK(std::abs(sum / n) < 6 / std::sqrt(double(n)));
   CHECK(std::abs(sq / n - 1) < 6 * std::sqrt(2.0 / n));
+}
+
+TEST_CASE("parallel_for covers [0, n) once in ranges of at least the grain, and rethrows a range's error") {
+  Rng rng = test::rng_for("parallel_for");
+  for (int trial = 0; trial < 20; ++trial) {
+    const index_t n = index_t(rng.below(100000)), grain = 1 + index_t(rng.below(5000));
+    CAPTURE(n);
+    CAPTURE(grain);
+    std::vector<std::atomic<int>> visits(std::size_t(std::max<index_t>(n, 1)));
+    std::mutex ranges_mutex;
+    std::vector<std::pair<index_t, index_t>> ranges;
+    parallel_for(n, grain, [&](index_t begin, index_t end) {
+      for (index_t i = begin; i < end; ++i) ++visits[std::size_t(i)];
+      const std::lock_guard lock(ranges_mutex);
+      ranges.emplace_back(begin, end);
+    });
+    for (index_t i = 0; i < n; ++i) REQUIRE(visits[std::size_t(i)] == 1);
+    const index_t cores = std::max<index_t>(1, index_t(std::thread::hardware_concurrency()));
+    CHECK(ranges.size() == (n == 0 ? 0u : std::size_t(std::clamp<index_t>(n / grain, 1, cores))));
+    for (const auto& [begin, end] : ranges) CHECK((end - begin >= grain || ranges.size() == 1));
+  }
+  const std::string error = test::error_of([] {
+    parallel_for(1 << 20, 1, [](index_t begin, index_t) {
+      if (begin > 0) fail("range at ", begin);
+    });
+  });
+  CHECK(test::contains(error, "range at"));
+}
+
+TEST_CASE("Tensor: zero-filled by default, every element writable when left uninitialised") {
+  Rng rng = test::rng_for("tensor construction");
+  const Shape s{index_t(1 + rng.below(50)), index_t(1 + rng.below(50))};
+  {
+    Tensor<float> filled(s, uninitialized);
+    for (index_t i = 0; i < filled.numel(); ++i) filled.data()[i] = float(i + 1);
+    for (index_t i = 0; i < filled.numel(); ++i) REQUIRE(filled.data()[i] == float(i + 1));
+  }
+  const Tensor<float> zeros(s);  // most likely in the memory just freed
+  for (float x : zeros.flat()) REQUIRE(x == 0.f);
 }
 
 TEST_CASE("Tensor views: strides, indexing, const conversion and clone of a strided view") {

@@ -1,8 +1,12 @@
 #include <doctest/doctest.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <string>
 #include <vector>
 
+#include "dash/io/checkpoint.hpp"
 #include "dash/mixed_attention.hpp"
 #include "dash/model/decoder.hpp"
 #include "dash/model/loss.hpp"
@@ -147,4 +151,34 @@ TEST_CASE("decoder backward: KL gradients to the mixers' logits, their parameter
       for (index_t j = 0; j < c.d_model; ++j) d_embedding(index_t(ids[i]), j) += dx[0].data()[index_t(i) * c.d_model + j];
     CHECK(test::finite_difference_error(embedding.view(), d_embedding.view(), loss, rng, 40) <= 1e-6);
   }
+}
+
+TEST_CASE("fingerprint: a function of the config and of every weight bit, in each block of a large tensor") {
+  Rng rng = test::rng_for("fingerprint");
+  model::Config c = test::random_config(rng);
+  c.vocab_size = int((std::size_t(3) << 20) / std::size_t(c.d_model)) + int(rng.below(1000));  // embedding: 3 blocks
+  const model::Weights<float> w = model::Weights<float>::random(c, rng);
+  const std::string fp = io::fingerprint(c, w);
+  CHECK(fp.size() == 16);
+  CHECK(io::fingerprint(c, model::Weights<float>(w)) == fp);
+
+  // One bit of one element, in a random tensor (the embedding's last block, then any tensor).
+  const auto flipped = [&](bool embedding) {
+    model::Weights<float> changed = w;
+    std::vector<Tensor<float>*> tensors;
+    changed.for_each([&](const std::string&, Tensor<float>& t) {
+      if (t.numel() > 0) tensors.push_back(&t);
+    });
+    Tensor<float>& t = embedding ? changed.embedding : *tensors[rng.below(tensors.size())];
+    const index_t at = embedding ? t.numel() - 1 - index_t(rng.below(1000)) : index_t(rng.below(std::uint64_t(t.numel())));
+    t.data()[at] = std::bit_cast<float>(std::bit_cast<std::uint32_t>(t.data()[at]) ^ (1u << rng.below(32)));
+    return io::fingerprint(c, changed);
+  };
+  for (int trial = 0; trial < 10; ++trial) {
+    CHECK(flipped(true) != fp);
+    CHECK(flipped(false) != fp);
+  }
+  model::Config other = c;
+  other.rope.theta *= 2;
+  CHECK(io::fingerprint(other, w) != fp);
 }

@@ -168,6 +168,32 @@ TEST_CASE("safetensors: F32, F16 and BF16 tensors read back as the values writte
   }
 }
 
+TEST_CASE("safetensors: tensors large enough to be converted on several threads read back bit for bit") {
+  Rng rng = test::rng_for("safetensors large tensors");
+  TempDir dir(rng);
+  const std::size_t n = (std::size_t(2) << 20) + 1 + rng.below(1000);  // over two conversion grains
+  std::vector<float> f32(n);
+  for (float& x : f32) x = float(rng.normal());
+  test::RawTensor a{"a.f32", "F32", {std::int64_t(n)}, std::vector<std::byte>(n * 4)};
+  std::memcpy(a.data.data(), f32.data(), n * 4);
+  const Sixteen half = random_sixteen(rng, n, 5, 10), brain = random_sixteen(rng, n, 8, 7);
+  const fs::path path = dir.path / "large.safetensors";
+  test::write_bytes(path, test::safetensors_bytes({a, {"b.f16", "F16", {std::int64_t(n)}, test::raw_u16(half.bits)},
+                                                   {"c.bf16", "BF16", {std::int64_t(n)}, test::raw_u16(brain.bits)}},
+                                                  {}));
+  const st::File file = st::File::open(path);
+  for (const auto& [name, values] :
+       std::vector<std::pair<std::string, const std::vector<float>*>>{{"a.f32", &f32}, {"b.f16", &half.values},
+                                                                      {"c.bf16", &brain.values}}) {
+    CAPTURE(name);
+    const Tensor<float> t = file.read(name);
+    REQUIRE(std::size_t(t.numel()) == n);
+    std::size_t differing = 0;
+    for (std::size_t k = 0; k < n; ++k) differing += !same_bits(t.data()[k], (*values)[k]);
+    CHECK(differing == 0);
+  }
+}
+
 TEST_CASE("safetensors: a file written by the reference implementation reads as its generator says") {
   // tests/fixtures/safetensors/reference.safetensors, from scripts/safetensors_fuzz_seeds.py:
   // written by Hugging Face's own safetensors package; element i of each tensor is i - 3.

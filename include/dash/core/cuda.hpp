@@ -14,12 +14,15 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "dash/core/dtype.hpp"
 #include "dash/core/error.hpp"
+#include "dash/core/parallel.hpp"
 #include "dash/core/tensor.hpp"
 
 namespace dash::cuda {
@@ -104,11 +107,15 @@ template <class T>
 DeviceTensor<bfloat16> to_device_bf16(TensorView<const T> host) {
   require_host(host, "to_device_bf16: source");
   require(host.contiguous(), "to_device_bf16: source must be contiguous");
-  std::vector<bf16> rounded(static_cast<std::size_t>(host.numel()));
-  for (index_t i = 0; i < host.numel(); ++i) rounded[std::size_t(i)] = bf16(static_cast<float>(host.data[i]));
+  // Rounded on all cores into a buffer that is written before it is read (a 3B model's weights
+  // are gigabytes: zeroing them first, on one core, would take longer than the copy).
+  const auto rounded = std::make_unique_for_overwrite<std::uint16_t[]>(std::size_t(host.numel()));
+  parallel_for(host.numel(), index_t(1) << 20, [&](index_t begin, index_t end) {
+    for (index_t i = begin; i < end; ++i) rounded[std::size_t(i)] = bf16(static_cast<float>(host.data[i])).bits;
+  });
   DeviceTensor<bfloat16> d(host.shape);
   if (d.numel() > 0)
-    check(cudaMemcpy(d.data(), rounded.data(), sizeof(bf16) * rounded.size(), cudaMemcpyHostToDevice),
+    check(cudaMemcpy(d.data(), rounded.get(), sizeof(std::uint16_t) * std::size_t(d.numel()), cudaMemcpyHostToDevice),
           "cudaMemcpy to device");
   return d;
 }

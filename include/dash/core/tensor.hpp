@@ -9,7 +9,9 @@
 #include <cstring>
 #include <span>
 #include <string_view>
+#include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "dash/core/device.hpp"
@@ -55,14 +57,42 @@ struct TensorView {
   }
 };
 
+// Tag of the Tensor constructor that leaves the elements unset, for a caller about to write
+// every one of them (a loader filling gigabytes would otherwise first zero them, on one core).
+struct Uninitialized {};
+inline constexpr Uninitialized uninitialized{};
+
+namespace detail {
+
+// std::allocator whose element construction without arguments leaves trivial types unset.
+template <class T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  using std::allocator<T>::allocator;
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+}  // namespace detail
+
 template <class T>
 class Tensor {
  public:
   using value_type = T;
 
   Tensor() = default;
-  explicit Tensor(Shape s) : shape_(s), storage_(static_cast<std::size_t>(s.numel())) {}
+  explicit Tensor(Shape s) : shape_(s), storage_(static_cast<std::size_t>(s.numel()), T{}) {}
   Tensor(Shape s, T fill) : shape_(s), storage_(static_cast<std::size_t>(s.numel()), fill) {}
+  Tensor(Shape s, Uninitialized) : shape_(s), storage_(static_cast<std::size_t>(s.numel())) {}
 
   const Shape& shape() const { return shape_; }
   int rank() const { return shape_.rank(); }
@@ -100,7 +130,7 @@ class Tensor {
 
  private:
   Shape shape_ = Shape{0};  // a default tensor is empty, not a scalar
-  std::vector<T> storage_;
+  std::vector<T, detail::DefaultInitAllocator<T>> storage_;
 };
 
 // Copies a host view element by element into a new contiguous tensor.

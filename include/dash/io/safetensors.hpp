@@ -27,6 +27,7 @@
 #include <nlohmann/json.hpp>
 
 #include "dash/core/error.hpp"
+#include "dash/core/parallel.hpp"
 #include "dash/core/tensor.hpp"
 #include "dash/io/checkpoint.hpp"
 #include "dash/io/detail/bytes.hpp"
@@ -94,13 +95,19 @@ struct TensorInfo {
 
 // The reference implementation's bound: a header above it is corrupt, not large.
 inline constexpr std::uint64_t max_header_bytes = 100'000'000;
+// Values per thread below which converting a tensor to float32 stays on one thread.
+inline constexpr index_t conversion_grain = index_t(1) << 20;
 
 // A safetensors file held in memory, its header parsed and checked.
 class File {
  public:
-  static File open(const std::filesystem::path& path) { return parse(detail::read_file(path), path.string()); }
-
+  static File open(const std::filesystem::path& path) {
+    return parse(detail::SharedBytes::map_file(path), path.string());
+  }
   static File parse(std::vector<std::byte> bytes, std::string name) {
+    return parse(detail::SharedBytes(std::move(bytes)), std::move(name));
+  }
+  static File parse(detail::SharedBytes bytes, std::string name) {
     File f;
     f.name_ = std::move(name);
     f.bytes_ = std::move(bytes);
@@ -125,20 +132,26 @@ class File {
             "\": dtype ", info->dtype, " cannot be read as float, expected F32, F16 or BF16");
     require(info->shape.size() <= std::size_t(Shape::max_rank), name_, ": tensor \"", tensor, "\": rank ",
             info->shape.size(), ", expected at most ", Shape::max_rank);
-    Tensor<float> out(detail::shape_of(info->shape));
+    Tensor<float> out(detail::shape_of(info->shape), uninitialized);
     const std::byte* src = bytes_.data() + data_start_ + info->begin;
-    const auto n = std::size_t(out.numel());
     float* dst = out.data();
-    if (type == DType::F32) {
-      if (n) std::memcpy(dst, src, n * sizeof(float));
-    } else {
-      const auto decode = type == DType::F16 ? detail::half_to_float : detail::bf16_to_float;
-      for (std::size_t i = 0; i < n; ++i) {
-        std::uint16_t bits;
-        std::memcpy(&bits, src + 2 * i, 2);
-        dst[i] = decode(bits);
-      }
-    }
+    const auto convert_16_bit = [&](auto decode) {
+      parallel_for(out.numel(), conversion_grain, [&](index_t begin, index_t end) {
+        for (index_t i = begin; i < end; ++i) {
+          std::uint16_t bits;
+          std::memcpy(&bits, src + 2 * std::size_t(i), 2);
+          dst[i] = decode(bits);
+        }
+      });
+    };
+    if (type == DType::F32)
+      parallel_for(out.numel(), conversion_grain, [&](index_t begin, index_t end) {
+        std::memcpy(dst + begin, src + sizeof(float) * std::size_t(begin), sizeof(float) * std::size_t(end - begin));
+      });
+    else if (type == DType::BF16)
+      convert_16_bit([](std::uint16_t bits) { return detail::bf16_to_float(bits); });
+    else
+      convert_16_bit([](std::uint16_t bits) { return detail::half_to_float(bits); });
     return out;
   }
 
@@ -146,7 +159,7 @@ class File {
   File() = default;
 
   void parse_header() {
-    detail::Cursor cursor(bytes_, name_);
+    detail::Cursor cursor(bytes_.span(), name_);
     const auto header_size = cursor.read<std::uint64_t>("header length");
     require(header_size <= max_header_bytes, name_, ": header length: ", header_size, " bytes, expected at most ",
             max_header_bytes);
@@ -244,7 +257,7 @@ class File {
   }
 
   std::string name_;
-  std::vector<std::byte> bytes_;
+  detail::SharedBytes bytes_;
   std::size_t data_start_ = 0;
   std::vector<TensorInfo> tensors_;
   std::map<std::string, std::size_t, std::less<>> index_;

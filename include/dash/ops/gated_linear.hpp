@@ -144,8 +144,10 @@ struct GatedLinear {
             "GatedLinear: initial decays [", init_decay_min, ", ", init_decay_max,
             "] must satisfy 0 < min ≤ max < 1");
     const AttentionShape s = op_shape(teacher);
-    Params<T> p = zero_params<T>(teacher);
+    Params<T> p;
     p.proj = s.n_kv_heads == teacher.n_kv_heads ? w : repeat_kv_heads(teacher, w, s.n_kv_heads);
+    p.w_gate = Tensor<T>(Shape{s.n_heads, s.d_model});
+    p.b_gate = Tensor<T>(Shape{s.n_heads});
     fill_normal(p.w_gate.view(), rng, 0.0, init_gate_std / std::sqrt(double(s.d_model)));
     const double m0 = 1 / (1 - init_decay_min), m1 = 1 / (1 - init_decay_max);
     for (index_t j = 0; j < s.n_heads; ++j) {
