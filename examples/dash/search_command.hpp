@@ -195,8 +195,10 @@ int run_search_with(Workspace& ws, Model& model, const std::optional<io::Candida
 inline int run_search(Workspace& ws) {
   const std::optional<io::CandidatesInfo> candidates = load_prepared(ws);
   if (ws.args.device == "cuda") {
+    const Stopwatch building;
     CudaSearchModel model(ws.decoder, ws.args.batch, ws.seq_len);
-    std::fprintf(stderr, "search: on %s\n", model.device_name().c_str());
+    std::fprintf(stderr, "search: on %s (model built and copied to it in %.1f s)\n", model.device_name().c_str(),
+                 building.seconds());
     return run_search_with(ws, model, candidates);
   }
   SearchModel model = ws.model();
