@@ -4,7 +4,9 @@
 // compute the same function. Identities: a window of at least T is causal attention; GQA
 // equals MHA on repeated k and v heads, with the kv-head gradients summed over each group;
 // every schedule of the wgmma kernel's CTAs (query heads split, blocks of sections) computes
-// the same gradients.
+// the same gradients. The mixture backward (two terms on the same q, k, v) against the sum of
+// the reference's single-op gradients, and identities: the sum of two single-op calls; a zero
+// weight leaves the other term alone; with W ≥ T two terms are one of weight π_s + π_w.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -452,6 +454,359 @@ TEST_CASE("attention backward on small shapes") {
   }
 }
 
+// The backward of a mixture y = Σ_t π_t·o_t of one or two terms (causal Softmax and
+// SlidingWindow, in either order) on the same q, k, v, against the float64 reference: each
+// term's backward for d_o = π_t·d, summed, and dL/dπ_t = Σ d·o_t in double.
+namespace {
+
+struct Term {
+  std::int64_t window = no_window, sinks = 0;
+};
+
+struct MixtureCase {
+  index_t batch, length, kv_heads, group, d_head;
+  std::vector<Term> terms;
+
+  Case shape(const Term& t) const { return {batch, length, kv_heads, group, d_head, t.window, t.sinks}; }
+  std::string name() const {
+    std::string s = shape({}).name().substr(0, shape({}).name().find(" W="));
+    for (const Term& t : terms)
+      s += " [W=" + (t.window == no_window ? std::string("inf") : std::to_string(t.window)) +
+           " sinks=" + std::to_string(t.sinks) + "]";
+    return s;
+  }
+};
+
+struct MixtureProblem {
+  MixtureCase c;
+  std::vector<double> pi;  // fp32 values, as the device holds them
+  Tensor<double> q, k, v, d, dq, dk, dv;
+  std::vector<Tensor<double>> o, lse;
+  std::vector<double> d_pi;
+};
+
+MixtureProblem make_mixture_problem(const MixtureCase& c, const std::vector<double>& pi, Rng& rng) {
+  const Case base = c.shape({});
+  const Shape q_shape{c.batch, c.length, base.heads(), c.d_head}, kv_shape{c.batch, c.length, c.kv_heads, c.d_head};
+  MixtureProblem pr{c, {}, test::random_tensor<double>(q_shape, rng), test::random_tensor<double>(kv_shape, rng),
+                    test::random_tensor<double>(kv_shape, rng), test::random_tensor<double>(q_shape, rng)};
+  for (double x : pi) pr.pi.push_back(double(float(x)));
+  round_to_bf16(pr.q);
+  round_to_bf16(pr.k);
+  round_to_bf16(pr.v);
+  round_to_bf16(pr.d);
+  pr.dq = Tensor<double>(q_shape, 0.0);
+  pr.dk = Tensor<double>(kv_shape, 0.0);
+  pr.dv = Tensor<double>(kv_shape, 0.0);
+  for (std::size_t t = 0; t < c.terms.size(); ++t) {
+    const dash::detail::AttentionMask mask{.window = c.terms[t].window, .sinks = c.terms[t].sinks};
+    Tensor<double> o(q_shape), lse(Shape{c.batch, base.heads(), c.length});
+    eigen::masked_attention_forward<double>(pr.q, pr.k, pr.v, o, lse, mask);
+    round_to_bf16(o);
+    for (double& x : lse.flat()) x = double(float(x));
+    Tensor<double> d_o(q_shape);
+    double d_pi = 0;
+    for (index_t i = 0; i < d_o.numel(); ++i) {
+      d_o.data()[i] = pr.pi[t] * pr.d.data()[i];
+      d_pi += pr.d.data()[i] * o.data()[i];
+    }
+    // Adds into dq, dk, dv.
+    eigen::masked_attention_backward<double>(pr.q, pr.k, pr.v, o, lse.view(), d_o, pr.dq, pr.dk, pr.dv, mask);
+    pr.o.push_back(std::move(o));
+    pr.lse.push_back(std::move(lse));
+    pr.d_pi.push_back(d_pi);
+  }
+  return pr;
+}
+
+struct MixtureOptions {
+  BackwardKernel kernel = BackwardKernel::automatic;
+  bool accumulate = false;
+  BackwardSchedule schedule;
+};
+
+// Where the terms' weights and gradients sit in the device vectors π and dL/dπ (of
+// weight_slots entries): not in term order, so that the indices are exercised; the other
+// entries of dL/dπ hold `untouched` and must keep it.
+constexpr int weight_slots = 4;
+constexpr int pi_slot[2] = {2, 0};
+constexpr float untouched = 7.f;
+
+struct MixtureResult {
+  Gradients g;
+  std::vector<float> d_pi;  // all weight_slots entries
+};
+
+MixtureResult run_mixture(const MixtureProblem& pr, const MixtureOptions& opt, Rng& rng) {
+  const MixtureCase& c = pr.c;
+  const index_t heads = c.kv_heads * c.group;
+  Packed q = pack({&pr.q}), k = pack({&pr.k}), v = pack({&pr.v}), d = pack({&pr.d});
+  std::vector<Packed> o;
+  std::vector<cuda::DeviceTensor<float>> lse;
+  for (std::size_t t = 0; t < c.terms.size(); ++t) {
+    o.push_back(pack({&pr.o[t]}));
+    Tensor<float> lse32(pr.lse[t].shape());
+    for (index_t i = 0; i < lse32.numel(); ++i) lse32.data()[i] = float(pr.lse[t].data()[i]);
+    lse.push_back(cuda::DeviceTensor<float>::from_host(lse32.view()));
+  }
+  Tensor<float> pi_host(Shape{weight_slots}, 0.f), d_pi_host(Shape{weight_slots}, untouched);
+  for (std::size_t t = 0; t < c.terms.size(); ++t) pi_host.data()[pi_slot[t]] = float(pr.pi[t]);
+  const auto pi = cuda::DeviceTensor<float>::from_host(pi_host.view());
+  auto d_pi = cuda::DeviceTensor<float>::from_host(d_pi_host.view());
+
+  const Shape q_shape = pr.q.shape(), kv_shape = pr.k.shape();
+  Tensor<double> start_q(q_shape, 0.0), start_k(kv_shape, 0.0), start_v(kv_shape, 0.0);
+  if (opt.accumulate) {
+    start_q = test::random_tensor<double>(q_shape, rng, std::max(rms(pr.dq), 1e-3));
+    start_k = test::random_tensor<double>(kv_shape, rng, std::max(rms(pr.dk), 1e-3));
+    start_v = test::random_tensor<double>(kv_shape, rng, std::max(rms(pr.dv), 1e-3));
+    round_to_bf16(start_q);
+    round_to_bf16(start_k);
+    round_to_bf16(start_v);
+  }
+  Packed dq = pack({&start_q}), dk = pack({&start_k}), dv = pack({&start_v});
+  if (!opt.accumulate)
+    for (Packed* out : {&dq, &dk, &dv}) test::poison(out->data);
+
+  attn::MixtureBackwardParams p;
+  p.q = q.member(0), p.k = k.member(0), p.v = v.member(0);
+  p.q_strides = q.strides(), p.k_strides = k.strides(), p.v_strides = v.strides();
+  p.batch = int(c.batch), p.length = int(c.length), p.n_heads = int(heads), p.n_kv_heads = int(c.kv_heads);
+  p.d_head = int(c.d_head);
+  p.scale = float(1.0 / std::sqrt(double(c.d_head)));
+  p.n_terms = int(c.terms.size());
+  for (int t = 0; t < p.n_terms; ++t)
+    p.terms[t] = {o[std::size_t(t)].member(0), o[std::size_t(t)].strides(), lse[std::size_t(t)].data(),
+                  {.window = c.terms[std::size_t(t)].window, .sinks = c.terms[std::size_t(t)].sinks}, pi_slot[t]};
+  p.pi = pi.data();
+  p.d = d.member(0), p.d_strides = d.strides();
+  p.d_pi = d_pi.data();
+  p.dq = dq.member(0), p.dk = dk.member(0), p.dv = dv.member(0);
+  p.dq_strides = dq.strides(), p.dk_strides = dk.strides(), p.dv_strides = dv.strides();
+  p.accumulate = opt.accumulate;
+
+  const std::size_t bytes = attn::mixture_backward_workspace_bytes(p);
+  cuda::DeviceTensor<unsigned char> workspace(Shape{index_t(bytes)});
+  test::poison(workspace);
+  attn::mixture_backward(p, workspace.data(), bytes, nullptr, opt.kernel, opt.schedule);
+  cuda::check(cudaDeviceSynchronize(), "mixture backward");
+
+  MixtureResult r{{unpack(dq, 0, heads), unpack(dk, 0, c.kv_heads), unpack(dv, 0, c.kv_heads)}, {}};
+  const Tensor<float> d_pi_back = d_pi.to_host();
+  r.d_pi.assign(d_pi_back.data(), d_pi_back.data() + weight_slots);
+  if (opt.accumulate) {
+    r.g.dq = difference(r.g.dq, start_q);
+    r.g.dk = difference(r.g.dk, start_k);
+    r.g.dv = difference(r.g.dv, start_v);
+  }
+  return r;
+}
+
+// dL/dπ_t against the double sum. The kernel reads the same bf16 d and o_t as the reference;
+// each product of two bf16 values is exact in fp32, a row's ≤ 128 products are added in fp32
+// (relative error ≤ 128·2^-24 ≈ 8e-6 of the row's Σ|d·o|) and the rows in double, so the
+// error is a few 1e-6 of Σ|d·o|; 1e-3 of |dL/dπ| leaves room for the cancellation of random
+// signs between rows (|Σ| ~ Σ|·| / sqrt(rows) for a few thousand rows) and no more.
+double weight_gradient_error(float got, double want) { return std::abs(double(got) - want) / std::abs(want); }
+
+struct MixtureWorst {
+  Worst g;
+  double d_pi = 0;
+};
+
+void check_mixture(const MixtureProblem& pr, const MixtureOptions& opt, Rng& rng, MixtureWorst& worst) {
+  const MixtureResult r = run_mixture(pr, opt, rng);
+  const double eq = gradient_error(r.g.dq, pr.dq, pr.dv), ek = gradient_error(r.g.dk, pr.dk, pr.dv),
+               ev = gradient_error(r.g.dv, pr.dv, pr.dv);
+  INFO(pr.c.name(), " ", kernel_name(opt.kernel), (opt.accumulate ? " accumulate" : ""), " head_splits ",
+       opt.schedule.head_splits, " sections_per_block ", opt.schedule.sections_per_block);
+  CHECK(eq <= test::bf16_tolerance);
+  CHECK(ek <= test::bf16_tolerance);
+  CHECK(ev <= test::bf16_tolerance);
+  worst.g.dq = std::max(worst.g.dq, eq);
+  worst.g.dk = std::max(worst.g.dk, ek);
+  worst.g.dv = std::max(worst.g.dv, ev);
+  for (std::size_t t = 0; t < pr.c.terms.size(); ++t) {
+    const double e = weight_gradient_error(r.d_pi[std::size_t(pi_slot[t])], pr.d_pi[t]);
+    CHECK(e <= 1e-3);
+    worst.d_pi = std::max(worst.d_pi, e);
+  }
+  for (int s = 0; s < weight_slots; ++s)
+    if (s != pi_slot[0] && (pr.c.terms.size() < 2 || s != pi_slot[1])) CHECK(r.d_pi[std::size_t(s)] == untouched);
+}
+
+void report_mixture(const char* what, BackwardKernel k, const MixtureWorst& w) {
+  std::printf("mixture %s [%s]: worst relative L2 dq %.2e, dk %.2e, dv %.2e; dL/dpi relative %.2e\n", what,
+              kernel_name(k), w.g.dq, w.g.dk, w.g.dv, w.d_pi);
+}
+
+const Term causal{};
+
+// Odd T (1, 7, 65, 130, 300 and one drawn), d_head 8, 40, 64, 128 and an odd one, GQA, windows
+// of 1, below and above the tiles and ≥ T, sinks; the causal term first or second.
+std::vector<MixtureCase> mixture_cases(Rng& rng) {
+  std::vector<MixtureCase> cases{
+      {1, 1, 1, 1, 8, {causal, {1, 0}}},
+      {2, 7, 1, 3, 40, {{3, 0}, causal}},
+      {1, 65, 2, 1, 64, {causal, {17, 2}}},
+      {1, 65, 1, 8, 128, {causal, {40, 0}}},
+      {2, 130, 1, 3, 64, {{100, 0}, causal}},
+      {1, 130, 2, 1, 128, {causal, {64, 0}}},
+      {1, 300, 1, 8, 64, {causal, {100, 70}}},
+      {1, 300, 2, 3, 128, {{200, 4}, causal}},
+      {1, 257, 1, 3, 8, {causal, {1, 1}}},
+      {1, 200, 1, 1, 40, {{130, 0}, {17, 3}}},
+      {1, 129, 2, 1, 128, {causal, {500, 0}}},
+      {1, 97, 1, 3, 5, {causal, {30, 0}}},
+  };
+  const index_t groups[] = {1, 3, 8};
+  const index_t length = index_t(1 + rng.below(600));
+  cases.push_back({index_t(1 + rng.below(2)), length, index_t(1 + rng.below(2)), groups[rng.below(3)],
+                   index_t(1 + rng.below(128)),
+                   {causal, {std::int64_t(1 + rng.below(std::uint64_t(length) + 10)), std::int64_t(rng.below(3))}}});
+  return cases;
+}
+
+std::vector<double> random_weights(Rng& rng) {
+  const double a = 0.1 + 0.8 * rng.uniform();
+  return {a, 1.0 - a};
+}
+
+}  // namespace
+
+TEST_CASE("mixture backward matches the float64 reference") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("mixture backward reference");
+  std::vector<MixtureProblem> problems;
+  for (const MixtureCase& c : mixture_cases(rng)) problems.push_back(make_mixture_problem(c, random_weights(rng), rng));
+  for (BackwardKernel kernel : kernels()) {
+    MixtureWorst worst;
+    for (const MixtureProblem& pr : problems) check_mixture(pr, {.kernel = kernel}, rng, worst);
+    check_mixture(problems[4], {.kernel = kernel, .accumulate = true}, rng, worst);
+    check_mixture(problems[7], {.kernel = kernel, .accumulate = true}, rng, worst);
+    report_mixture("reference", kernel, worst);
+  }
+}
+
+// The wgmma kernel's schedules with two terms: heads split over 2, 4, 8 CTAs, blocks of 1, 3
+// and all sections, and more key tiles than SMs.
+TEST_CASE("mixture backward with split heads and many key tiles") {
+  if (!test::gpu_available() || !device_is_hopper()) return;
+  Rng rng = test::rng_for("mixture backward schedules");
+  MixtureWorst worst;
+  for (const MixtureCase& c : {MixtureCase{1, 333, 1, 8, 128, {causal, {100, 0}}},
+                               MixtureCase{2, 130, 2, 8, 64, {{50, 2}, causal}}}) {
+    const MixtureProblem pr = make_mixture_problem(c, random_weights(rng), rng);
+    for (const BackwardSchedule& s : {BackwardSchedule{2, 1}, BackwardSchedule{4, 3}, BackwardSchedule{8, 0}})
+      check_mixture(pr, {.kernel = BackwardKernel::wgmma, .schedule = s}, rng, worst);
+    check_mixture(pr, {.kernel = BackwardKernel::wgmma, .accumulate = true, .schedule = {4, 0}}, rng, worst);
+  }
+  const MixtureProblem many = make_mixture_problem({1, 1030, 4, 2, 128, {causal, {300, 0}}}, random_weights(rng), rng);
+  check_mixture(many, {.kernel = BackwardKernel::wgmma}, rng, worst);
+  report_mixture("schedules", BackwardKernel::wgmma, worst);
+}
+
+namespace {
+
+// The single-op backward of `pr`'s term t for d_o = scale·d (rounded to bf16, as a caller
+// would hold it), added into `into` when given.
+Gradients single_backward(const MixtureProblem& pr, std::size_t t, double scale, const MixtureOptions& opt, Rng& rng) {
+  Problem single{pr.c.shape(pr.c.terms[t]), pr.q, pr.k, pr.v, pr.d, pr.o[t], pr.lse[t]};
+  for (double& x : single.d_o.flat()) x = to_bf16(scale * x);
+  single.dq = Tensor<double>(pr.q.shape(), 0.0);
+  single.dk = Tensor<double>(pr.k.shape(), 0.0);
+  single.dv = Tensor<double>(pr.v.shape(), 0.0);
+  return run_device(single, {.kernel = opt.kernel, .schedule = opt.schedule}, rng);
+}
+
+// a + scale_b·b.
+Tensor<double> sum(const Tensor<double>& a, const Tensor<double>& b, double scale_b = 1) {
+  Tensor<double> s(a.shape());
+  for (index_t i = 0; i < a.numel(); ++i) s.data()[i] = a.data()[i] + scale_b * b.data()[i];
+  return s;
+}
+
+Gradients scaled(const Gradients& g, double factor) {
+  const auto times = [&](const Tensor<double>& t) { return sum(Tensor<double>(t.shape(), 0.0), t, factor); };
+  return {times(g.dq), times(g.dk), times(g.dv)};
+}
+
+void check_close(const Gradients& got, const Gradients& want, double tolerance) {
+  const double eq = test::relative_l2(got.dq, want.dq), ek = test::relative_l2(got.dk, want.dk),
+               ev = test::relative_l2(got.dv, want.dv);
+  std::printf("    relative L2 dq %.2e, dk %.2e, dv %.2e\n", eq, ek, ev);
+  CHECK(eq <= tolerance);
+  CHECK(ek <= tolerance);
+  CHECK(ev <= tolerance);
+}
+
+}  // namespace
+
+// Identities between the fused pass and single-op backward calls, on both kernels.
+TEST_CASE("mixture backward identities") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("mixture backward identities");
+  const std::vector<MixtureCase> cases{{1, 300, 2, 3, 128, {causal, {100, 2}}}, {2, 130, 1, 8, 64, {{40, 0}, causal}},
+                                       {1, 77, 1, 1, 40, {causal, {9, 0}}}};
+  for (BackwardKernel kernel : kernels())
+    for (const MixtureCase& c : cases) {
+      const MixtureOptions opt{.kernel = kernel};
+      const std::size_t s = c.terms[0].window == no_window ? 0 : 1;  // the causal term
+      // The mixture equals the sum of the two single-op calls it replaces (d_o = π_t·d).
+      const MixtureProblem pr = make_mixture_problem(c, random_weights(rng), rng);
+      const MixtureResult fused = run_mixture(pr, opt, rng);
+      const Gradients a = single_backward(pr, 0, pr.pi[0], opt, rng), b = single_backward(pr, 1, pr.pi[1], opt, rng);
+      INFO(kernel_name(kernel), " ", c.name());
+      std::printf("  %s %s: mixture vs two single calls\n", kernel_name(kernel), c.name().c_str());
+      check_close(fused.g, {sum(a.dq, b.dq), sum(a.dk, b.dk), sum(a.dv, b.dv)}, test::bf16_tolerance);
+
+      // π_w = 0: the softmax term's backward for d_o = d, times π_s.
+      std::vector<double> pi(2, 0.0);
+      pi[s] = 0.7;
+      const MixtureProblem only_causal = make_mixture_problem(c, pi, rng);
+      const MixtureResult got = run_mixture(only_causal, opt, rng);
+      const Gradients one = single_backward(only_causal, s, 1.0, opt, rng);
+      const double w = only_causal.pi[s];
+      std::printf("  %s %s: pi_w = 0 vs pi_s times the softmax backward\n", kernel_name(kernel), c.name().c_str());
+      check_close(got.g, scaled(one, w), test::bf16_tolerance);
+      CHECK(weight_gradient_error(got.d_pi[std::size_t(pi_slot[1 - s])], only_causal.d_pi[1 - s]) <= 1e-3);
+
+      // W ≥ T: both terms causal, so the mixture is one term of weight π_s + π_w.
+      MixtureCase both_causal = c;
+      both_causal.terms[1 - s].window = c.length + 3 * (1 - s);
+      both_causal.terms[1 - s].sinks = 0;
+      const MixtureProblem two = make_mixture_problem(both_causal, random_weights(rng), rng);
+      MixtureProblem merged = two;
+      merged.c.terms = {both_causal.terms[s]};
+      merged.pi = {float(two.pi[0] + two.pi[1])};
+      merged.o = {two.o[s]};
+      merged.lse = {two.lse[s]};
+      const MixtureResult got_two = run_mixture(two, opt, rng), got_one = run_mixture(merged, opt, rng);
+      std::printf("  %s %s: W >= T, two terms vs one of weight pi_s + pi_w\n", kernel_name(kernel),
+                  both_causal.name().c_str());
+      check_close(got_two.g, got_one.g, test::bf16_tolerance);
+      // Both terms read the same o, so their dL/dπ agree exactly.
+      CHECK(got_two.d_pi[std::size_t(pi_slot[0])] == got_two.d_pi[std::size_t(pi_slot[1])]);
+    }
+}
+
+// Small enough for compute-sanitizer (memcheck, racecheck): both kernels, whole and split
+// groups, writing and accumulating.
+TEST_CASE("mixture backward on small shapes") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("mixture backward small");
+  const MixtureProblem a = make_mixture_problem({1, 70, 1, 3, 64, {causal, {20, 2}}}, random_weights(rng), rng),
+                       b = make_mixture_problem({2, 65, 1, 8, 128, {{40, 0}, causal}}, random_weights(rng), rng),
+                       c = make_mixture_problem({1, 9, 1, 1, 5, {causal, {3, 0}}}, random_weights(rng), rng);
+  for (BackwardKernel kernel : kernels()) {
+    MixtureWorst worst;
+    check_mixture(a, {.kernel = kernel}, rng, worst);
+    check_mixture(b, {.kernel = kernel, .accumulate = true, .schedule = {4, 2}}, rng, worst);
+    check_mixture(c, {.kernel = kernel}, rng, worst);
+    report_mixture("small", kernel, worst);
+  }
+}
+
 // Bad input: each refused with a dash::Error before any CUDA call, so these need no device.
 namespace {
 
@@ -595,4 +950,125 @@ TEST_CASE("attention backward workspace size refuses bad sizes") {
   auto p = valid_params();
   p.n_kv_heads = 0;
   CHECK(test::contains(test::error_of([&] { (void)attn::backward_workspace_bytes(p); }), "n_kv_heads = 0"));
+}
+
+namespace {
+
+float dummy_pi[4];
+
+attn::MixtureBackwardParams valid_mixture_params() {
+  const attn::BackwardParams s = valid_params();
+  attn::MixtureBackwardParams p;
+  p.q = s.q, p.k = s.k, p.v = s.v;
+  p.q_strides = s.q_strides, p.k_strides = s.k_strides, p.v_strides = s.v_strides;
+  p.batch = s.batch, p.length = s.length, p.n_heads = s.n_heads, p.n_kv_heads = s.n_kv_heads, p.d_head = s.d_head;
+  p.scale = s.scale;
+  p.terms[0] = {dummy_elements, s.o_strides, dummy_lse, {}, 0};
+  p.terms[1] = {dummy_elements, s.o_strides, dummy_lse, {.window = 4, .sinks = 1}, 1};
+  p.n_terms = 2;
+  p.pi = dummy_pi;
+  p.d = dummy_elements, p.d_strides = s.d_o_strides;
+  p.d_pi = dummy_pi + 2;
+  p.dq = s.dq, p.dk = s.dk, p.dv = s.dv;
+  p.dq_strides = s.dq_strides, p.dk_strides = s.dk_strides, p.dv_strides = s.dv_strides;
+  return p;
+}
+
+std::string mixture_error(const attn::MixtureBackwardParams& p, std::size_t workspace_bytes = std::size_t(1) << 30) {
+  alignas(256) static unsigned char workspace[256];
+  return test::error_of([&] { attn::mixture_backward(p, workspace, workspace_bytes, nullptr); });
+}
+
+}  // namespace
+
+TEST_CASE("mixture backward refuses a number of terms outside 1..2") {
+  auto p = valid_mixture_params();
+  p.n_terms = 0;
+  CHECK(test::contains(mixture_error(p), "n_terms = 0"));
+  p.n_terms = 3;
+  CHECK(test::contains(mixture_error(p), "n_terms = 3"));
+  CHECK(test::contains(test::error_of([&] { (void)attn::mixture_backward_workspace_bytes(p); }), "n_terms = 3"));
+}
+
+TEST_CASE("mixture backward refuses null weights or a null weight gradient") {
+  auto p = valid_mixture_params();
+  p.d_pi = nullptr;
+  CHECK(test::contains(mixture_error(p), "pi and d_pi must not be null"));
+  p = valid_mixture_params();
+  p.pi = nullptr;
+  CHECK(test::contains(mixture_error(p), "pi and d_pi must not be null"));
+}
+
+TEST_CASE("mixture backward refuses a term without its forward outputs") {
+  auto p = valid_mixture_params();
+  p.terms[1].o = nullptr;
+  CHECK(test::contains(mixture_error(p), "terms[1]: o and lse"));
+  p = valid_mixture_params();
+  p.terms[0].lse = nullptr;
+  CHECK(test::contains(mixture_error(p), "terms[0]: o and lse"));
+}
+
+TEST_CASE("mixture backward refuses a null upstream gradient or null inputs and outputs") {
+  auto p = valid_mixture_params();
+  p.d = nullptr;
+  CHECK(test::contains(mixture_error(p), "d must not be null"));
+  p = valid_mixture_params();
+  p.v = nullptr;
+  CHECK(test::contains(mixture_error(p), "q, k and v must not be null"));
+  p = valid_mixture_params();
+  p.dk = nullptr;
+  CHECK(test::contains(mixture_error(p), "dq, dk and dv must not be null"));
+}
+
+TEST_CASE("mixture backward refuses two terms on one weight and a negative weight index") {
+  auto p = valid_mixture_params();
+  p.terms[1].pi_index = 0;
+  CHECK(test::contains(mixture_error(p), "expected different weights"));
+  p.terms[1].pi_index = -1;
+  CHECK(test::contains(mixture_error(p), "terms[1].pi_index = -1"));
+}
+
+TEST_CASE("mixture backward refuses a bad term mask or layout") {
+  auto p = valid_mixture_params();
+  p.terms[1].mask.window = 0;
+  CHECK(test::contains(mixture_error(p), "terms[1].window = 0"));
+  p = valid_mixture_params();
+  p.terms[0].mask.sinks = -2;
+  CHECK(test::contains(mixture_error(p), "terms[0].sinks = -2"));
+  p = valid_mixture_params();
+  p.terms[1].o_strides.token = 8;
+  CHECK(test::contains(mixture_error(p), "terms[1].o_strides.token = 8"));
+  p = valid_mixture_params();
+  p.d_strides.batch = 1;
+  CHECK(test::contains(mixture_error(p), "d_strides.batch = 1"));
+}
+
+TEST_CASE("mixture backward refuses bad sizes") {
+  auto p = valid_mixture_params();
+  p.d_head = 200;
+  CHECK(test::contains(mixture_error(p), "MixtureBackwardParams.d_head = 200"));
+  p = valid_mixture_params();
+  p.scale = -1;
+  CHECK(test::contains(mixture_error(p), "MixtureBackwardParams.scale = -1"));
+}
+
+TEST_CASE("mixture backward refuses a bad workspace") {
+  const auto p = valid_mixture_params();
+  const std::size_t needed = attn::mixture_backward_workspace_bytes(p);
+  CHECK(test::contains(mixture_error(p, needed - 1), "mixture_backward_workspace_bytes"));
+  alignas(256) static unsigned char workspace[512];
+  CHECK(test::contains(test::error_of([&] { attn::mixture_backward(p, workspace + 8, 1 << 20, nullptr); }),
+                       "not 256-byte aligned"));
+  CHECK(test::contains(test::error_of([&] { attn::mixture_backward(p, nullptr, 1 << 20, nullptr); }),
+                       "workspace is null"));
+}
+
+TEST_CASE("mixture backward refuses head splits that do not divide the group") {
+  const auto p = valid_mixture_params();
+  alignas(256) static unsigned char workspace[256];
+  CHECK(test::contains(test::error_of([&] {
+                         attn::mixture_backward(p, workspace, std::size_t(1) << 30, nullptr,
+                                                BackwardKernel::automatic, {3, 0});
+                       }),
+                       "head_splits = 3"));
 }

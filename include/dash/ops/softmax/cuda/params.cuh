@@ -2,7 +2,7 @@
 // sizes only (a non-owning view, FlashAttention's Params), filled and checked on the host by the
 // launchers in forward.cuh and backward.cuh.
 //
-// Layout: q [B, T, H, D], k and v [B, T, Hkv, D], o and d_o [B, T, H, D], each addressed as
+// Layout: q [B, T, H, D], k and v [B, T, Hkv, D], o, d_o and d [B, T, H, D], each addressed as
 // base + b·batch_stride + t·token_stride + head·D + d (elements), so q, k and v may be slices of
 // one fused QKV projection output. lse [B, H, T] is contiguous fp32 (natural log).
 // Mask: key j is visible to query i iff j ≤ i and (i − j < window or j < sinks).
@@ -45,6 +45,42 @@ struct BackwardParams : ForwardParams {
   bfloat16* dk = nullptr;
   bfloat16* dv = nullptr;
   Strides d_o_strides, dq_strides, dk_strides, dv_strides;
+  bool accumulate = false;
+};
+
+// The backward of a mixture of attention operators on the same q, k, v (MixedAttention's
+// Softmax and SlidingWindow): y = Σ_t π_t·o_t, each term t with its own mask, output o_t and
+// lse_t from its forward, and π a device vector of fp32 weights.
+inline constexpr int max_mixture_backward_terms = 2;
+
+struct MixtureBackwardTerm {
+  const bfloat16* o = nullptr;  // the term's forward output [B, T, H, D]
+  Strides o_strides;
+  const float* lse = nullptr;   // its lse [B, H, T]
+  Mask mask;
+  int pi_index = 0;             // its weight is pi[pi_index]; dL/dπ goes to d_pi[pi_index]
+};
+
+// d is the gradient of y (not scaled by any π). dq, dk, dv receive Σ_t of each term's gradients
+// for d_o = π_t·d (added to what they hold with `accumulate`, as in BackwardParams), and
+// d_pi[terms[t].pi_index] = dL/dπ_t = Σ_{b,i,h} d·o_t is overwritten (other entries untouched).
+struct MixtureBackwardParams {
+  const bfloat16* q = nullptr;
+  const bfloat16* k = nullptr;
+  const bfloat16* v = nullptr;
+  Strides q_strides, k_strides, v_strides;
+  int batch = 0, length = 0, n_heads = 0, n_kv_heads = 0, d_head = 0;
+  float scale = 0;
+  MixtureBackwardTerm terms[max_mixture_backward_terms];
+  int n_terms = 0;
+  const float* pi = nullptr;
+  const bfloat16* d = nullptr;
+  Strides d_strides;
+  float* d_pi = nullptr;
+  bfloat16* dq = nullptr;
+  bfloat16* dk = nullptr;
+  bfloat16* dv = nullptr;
+  Strides dq_strides, dk_strides, dv_strides;
   bool accumulate = false;
 };
 

@@ -1,13 +1,24 @@
 // Pieces shared by both backward kernels of Softmax / SlidingWindow attention (backward.cuh).
 //
+// Every launch is the backward of a mixture of one or two terms on the same q, k, v, with
+// d the gradient of y = Σ_t π_t·o_t (the single-op backward is one term with π = 1, d = d_o):
+//   P_t = exp(s − lse_t) under mask t,  D_t,i = d_i·o_t,i,  dP = d·vᵀ (shared by the terms),
+//   P̄ = Σ_t π_t P_t,  dS = Σ_t π_t P_t ∘ (dP − D_t),  dV = P̄ᵀ d,  dQ = dS K,  dK = dSᵀ Q,
+//   dL/dπ_t = Σ D_t.
+// With one term π is not applied per element: the gradients are linear in d, so π scales
+// dq, dk and dv where they are written.
+//
 // The backward runs in three passes over a workspace of fp32:
-//   1. preprocess: D_i = dO_i·o_i per query row (delta), and the accumulator rows zeroed;
+//   1. preprocess: D_t,i per query row and term (delta), the accumulator rows zeroed, and when
+//      dL/dπ is wanted per-block partial sums of D_t (a fixed grid), added in order by one
+//      block per term afterwards, so that dL/dπ does not depend on scheduling;
 //   2. the main kernel: one CTA per (key tile, batch, kv head, head split) recomputes
-//      P = exp(s − lse) tile by tile for its share of the kv head's query heads, keeps dK and
+//      P_t tile by tile for its share of the kv head's query heads, keeps dK and
 //      dV of its keys in registers, and adds each tile's dQ = dS·K into the fp32 accumulator
 //      (atomics in the mma.sync kernel, tensor bulk reductions in the wgmma kernel). When a
 //      group's heads are split over several CTAs (wgmma kernel only), each adds its partial
-//      dK, dV into fp32 accumulators as well;
+//      dK, dV into fp32 accumulators as well. Its query tiles are the union of the terms'
+//      reach (the wgmma kernel evaluates on a tile only the terms that reach it);
 //   3. finish: dq = scale·accumulator (plus what dq held, when accumulating), to bf16, and
 //      likewise dk = scale·Σ, dv = Σ from their accumulators when heads were split.
 // Tiles are loaded into shared memory with cp.async (16-byte chunks) where every input row
@@ -31,28 +42,11 @@
 #include <cstdint>
 
 #include "dash/core/cuda.hpp"
+#include "dash/core/cuda/numeric.cuh"
 #include "dash/core/cuda/shared.cuh"
 #include "dash/ops/softmax/cuda/params.cuh"
 
 namespace dash::cuda::attention::backward_kernels {
-
-// Everything a backward kernel reads: the caller's params plus the workspace carved for them.
-struct BackwardArgs {
-  BackwardParams p;
-  float* delta = nullptr;   // [B, H, T]: D_i = dO_i·o_i
-  float* dq_acc = nullptr;  // [B, H, T, dq_row]: Σ_j dS_ij k_j, unscaled
-  float* dk_acc = nullptr;  // [B, Hkv, T, dq_row]: Σ_i dS_ij q_i over the group, unscaled
-  float* dv_acc = nullptr;  // [B, Hkv, T, dq_row]: Σ_i p_ij dO_i over the group (both only
-                            // when head_splits > 1)
-  int dq_row = 0;           // d_head rounded up to 8 (aligned two-float atomics, 32-byte rows)
-  int key_tiles = 0;        // wgmma kernel: tiles of 128 keys
-  int head_splits = 1;      // wgmma kernel: CTAs that share one kv head's query heads
-  int sections_per_block = 1;  // wgmma kernel: width of the blocks of the CTA order (below)
-  int window = 0;           // the mask's window and sinks clamped to T (i − j < T always holds)
-  int sinks = 0;
-  bool vector_qkv = false;       // q, k, v, d_o rows can be read in 16-byte chunks
-  bool vector_kv_grads = false;  // dk, dv rows can be written in 16-byte chunks
-};
 
 // The mask of params.cuh on one (query, key) pair and on tiles, as in AttentionMask.
 struct TileMask {
@@ -67,12 +61,65 @@ struct TileMask {
   __device__ bool full(int q0, int q1, int k0, int k1) const {
     return k1 - 1 <= q0 && ((q1 - 1) - k0 < window || k1 <= sinks);
   }
+  // Whether any pair of the tile is visible: a key at or below some query, and either a sink
+  // key or a pair closer than the window (the closest pair is max(0, q0 − (k1 − 1)) apart).
+  __device__ bool reaches(int q0, int q1, int k0, int k1) const {
+    return q1 - 1 >= k0 && (k0 < sinks || max(0, q0 - (k1 - 1)) < window);
+  }
   // One past the last query that sees any key of [k0, k1): every query after a sink key sees
   // it; otherwise the window's reach from the last key.
   __device__ int query_end(int k0, int k1, int length) const {
     return k0 < sinks ? length : min(length, k1 - 1 + window);
   }
 };
+
+// Everything a backward kernel reads: the caller's params plus the workspace carved for them.
+struct BackwardArgs {
+  MixtureBackwardParams p;  // the single-op backward: one term, p.pi null (π = 1)
+  int terms = 1;
+  TileMask masks[max_mixture_backward_terms];  // the terms' masks, window and sinks clamped to T
+  float* delta[max_mixture_backward_terms] = {};  // [B, H, T] per term: D_t,i = d_i·o_t,i
+  double* delta_partials = nullptr;  // [terms, preprocess blocks]: Σ D_t per block, when p.d_pi
+  const float* output_weight = nullptr;  // one term with a weight: π of it, scaling dq, dk, dv
+  float* dq_acc = nullptr;  // [B, H, T, dq_row]: Σ_j dS_ij k_j, unscaled
+  float* dk_acc = nullptr;  // [B, Hkv, T, dq_row]: Σ_i dS_ij q_i over the group, unscaled
+  float* dv_acc = nullptr;  // [B, Hkv, T, dq_row]: Σ_i p_ij dO_i over the group (both only
+                            // when head_splits > 1)
+  int dq_row = 0;           // d_head rounded up to 8 (aligned two-float atomics, 32-byte rows)
+  int key_tiles = 0;        // wgmma kernel: tiles of 128 keys
+  int head_splits = 1;      // wgmma kernel: CTAs that share one kv head's query heads
+  int sections_per_block = 1;  // wgmma kernel: width of the blocks of the CTA order (below)
+  bool vector_qkv = false;       // q, k, v, d rows can be read in 16-byte chunks
+  bool vector_kv_grads = false;  // dk, dv rows can be written in 16-byte chunks
+
+  // One past the last query that sees any key of [k0, k1) under some term.
+  template <int Terms>
+  __device__ int query_end(int k0, int k1) const {
+    int end = masks[0].query_end(k0, k1, p.length);
+    if constexpr (Terms > 1) end = max(end, masks[1].query_end(k0, k1, p.length));
+    return end;
+  }
+  // The factor of dq, dk and dv where they are written: π of a single weighted term, else 1.
+  __device__ float gradient_weight() const { return output_weight ? *output_weight : 1.f; }
+};
+
+// P̄ and dS (in place of s and dp) at one (query, key) pair from `Terms` terms, each with its
+// weight, −lse·log2(e), D and mask; hidden pairs of a term (when Masked) contribute nothing.
+template <int Terms>
+__device__ __forceinline__ void mixture_element(float& s, float& dp, float scale_log2, const float (&weight)[Terms],
+                                                const float (&neg_lse_log2)[Terms], const float (&delta)[Terms],
+                                                const TileMask (&masks)[Terms], bool masked, int query, int key) {
+  float p_sum = 0, ds = 0;
+#pragma unroll
+  for (int t = 0; t < Terms; ++t) {
+    float prob = weight[t] * ptx::fast_exp2(fmaf(s, scale_log2, neg_lse_log2[t]));
+    if (masked && !masks[t].visible(query, key)) prob = 0.f;
+    p_sum += prob;
+    ds += prob * (dp - delta[t]);
+  }
+  s = p_sum;
+  dp = ds;
+}
 
 // Rows [row0, row0 + Rows) × columns [0, Cols) of one head of a [B, T, heads, D] tensor
 // (`head` points at token 0 of that head), zero past `length` rows and `d_head` columns.
@@ -104,17 +151,24 @@ __device__ __forceinline__ void load_tile(std::uint32_t smem, const bfloat16* he
   }
 }
 
-// lse and D of query rows [row0, row0 + Rows) (`lse`, `delta` point at row 0 of one head),
-// zero past `length`; threads [0, Rows) copy lse, threads [Rows, 2·Rows) copy D.
-template <int Rows>
-__device__ __forceinline__ void load_row_stats(std::uint32_t lse_smem, std::uint32_t delta_smem, const float* lse,
-                                               const float* delta, int row0, int length) {
-  if (threadIdx.x < 2 * Rows) {
-    const bool is_lse = threadIdx.x < Rows;
-    const int r = is_lse ? threadIdx.x : threadIdx.x - Rows;
-    const bool valid = row0 + r < length;
-    const float* src = is_lse ? lse : delta;
-    ptx::cp_async_4_or_zero((is_lse ? lse_smem : delta_smem) + 4 * r, valid ? src + row0 + r : src, valid);
+// lse and D of every term for query rows [row0, row0 + Rows) of head `head` into `smem`:
+// [Terms][lse, D][Rows] floats, zero past T; thread 2·Rows·t + Rows·(0 or 1) + r copies one.
+template <int Rows, int Terms>
+__device__ __forceinline__ void load_row_stats(std::uint32_t smem, const BackwardArgs& args, int batch, int head,
+                                               int row0) {
+  const MixtureBackwardParams& p = args.p;
+  if (threadIdx.x < 2 * Rows * Terms) {
+    // Pointers selected, not indexed by a runtime term: that would copy the parameters to
+    // local memory.
+    const bool second = Terms > 1 && threadIdx.x >= 2 * Rows;
+    const int r = threadIdx.x % Rows;
+    const bool is_lse = threadIdx.x % (2 * Rows) < Rows;
+    const std::int64_t stats = (std::int64_t(batch) * p.n_heads + head) * p.length;
+    const float* lse = second ? p.terms[Terms - 1].lse : p.terms[0].lse;
+    const float* delta = second ? args.delta[Terms - 1] : args.delta[0];
+    const float* src = (is_lse ? lse : delta) + stats;
+    const bool valid = row0 + r < p.length;
+    ptx::cp_async_4_or_zero(smem + 4 * threadIdx.x, valid ? src + row0 + r : src, valid);
   }
 }
 
@@ -141,7 +195,7 @@ struct KeyTileWork {
 // sections (the last one possibly narrower), key tile major inside a block; a section is
 // (batch, kv head, split) with the split fastest, so the CTAs of one kv head sit together.
 __device__ __forceinline__ KeyTileWork key_tile_work(const BackwardArgs& args, int block) {
-  const BackwardParams& p = args.p;
+  const MixtureBackwardParams& p = args.p;
   const int sections = p.batch * p.n_kv_heads * args.head_splits;
   const int per_block = args.sections_per_block * args.key_tiles;
   const int first_section = block / per_block * args.sections_per_block;
@@ -159,14 +213,30 @@ __device__ __forceinline__ std::int64_t head_offset(const Strides& s, int batch,
   return batch * s.batch + std::int64_t(head) * d_head;
 }
 
+inline constexpr int preprocess_threads = 256;
+
+// Σ of one double per thread of a block of preprocess_threads in a fixed order (a shuffle
+// tree per warp, then the warps' sums in turn), returned to thread 0. Every thread calls it.
+__device__ __forceinline__ double block_sum(double x, double (&warp_sums)[preprocess_threads / 32]) {
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = x;
+  __syncthreads();
+  double total = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < preprocess_threads / 32; ++w) total += warp_sums[w];
+  __syncthreads();  // warp_sums may be reused
+  return total;
+}
+
 // Pass 1, `lanes_per_row` lanes (a power of two ≤ 32) per (batch, token, query head) row:
-// delta = dO·o in fp32, and the row of the dq accumulator zeroed; rows of query heads below
-// Hkv also zero that kv head's rows of the dk and dv accumulators, when there are any.
-// VectorRows: o and d_o rows are read in 16-byte chunks, one per lane, so that a warp of
-// short rows reads several at once.
-template <bool VectorRows>
-__global__ void backward_preprocess_kernel(BackwardArgs args, int lanes_per_row) {
-  const BackwardParams& p = args.p;
+// D_t = d·o_t in fp32 for every term, and the row of the dq accumulator zeroed; rows of query
+// heads below Hkv also zero that kv head's rows of the dk and dv accumulators, when there are
+// any. With delta_partials, each block writes Σ D_t over its rows (in double, block_sum).
+// VectorRows: o and d rows are read in 16-byte chunks, one per lane, so that a warp of short
+// rows reads several at once.
+template <bool VectorRows, int Terms>
+__global__ void __launch_bounds__(preprocess_threads) backward_preprocess_kernel(BackwardArgs args, int lanes_per_row) {
+  const MixtureBackwardParams& p = args.p;
   const std::int64_t rows = std::int64_t(p.batch) * p.length * p.n_heads;
   const int lane = threadIdx.x % 32, in_row = lane % lanes_per_row;
   const std::int64_t row =
@@ -174,28 +244,51 @@ __global__ void backward_preprocess_kernel(BackwardArgs args, int lanes_per_row)
   const bool valid = row < rows;  // lanes past the end still take part in the shuffles
   const std::int64_t r = valid ? row : 0;
   const int h = int(r % p.n_heads), i = int((r / p.n_heads) % p.length), b = int(r / (std::int64_t(p.n_heads) * p.length));
-  const bfloat16* o = p.o + head_offset(p.o_strides, b, h, p.d_head) + i * p.o_strides.token;
-  const bfloat16* d_o = p.d_o + head_offset(p.d_o_strides, b, h, p.d_head) + i * p.d_o_strides.token;
-  float dot = 0;
+  const bfloat16* d = p.d + head_offset(p.d_strides, b, h, p.d_head) + i * p.d_strides.token;
+  const bfloat16* o[Terms];
+#pragma unroll
+  for (int t = 0; t < Terms; ++t)
+    o[t] = p.terms[t].o + head_offset(p.terms[t].o_strides, b, h, p.d_head) + i * p.terms[t].o_strides.token;
+  float dot[Terms] = {};
   if constexpr (VectorRows) {
     for (int c8 = in_row; valid && c8 * 8 < p.d_head; c8 += lanes_per_row) {
-      const uint4 a = *reinterpret_cast<const uint4*>(o + c8 * 8), g = *reinterpret_cast<const uint4*>(d_o + c8 * 8);
-      const auto* a2 = reinterpret_cast<const __nv_bfloat162*>(&a);
+      const uint4 g = *reinterpret_cast<const uint4*>(d + c8 * 8);
       const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(&g);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 x = __bfloat1622float2(a2[k]), y = __bfloat1622float2(g2[k]);
-        dot += x.x * y.x + x.y * y.y;
+      for (int t = 0; t < Terms; ++t) {
+        const uint4 a = *reinterpret_cast<const uint4*>(o[t] + c8 * 8);
+        const auto* a2 = reinterpret_cast<const __nv_bfloat162*>(&a);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float2 x = __bfloat1622float2(a2[k]), y = __bfloat1622float2(g2[k]);
+          dot[t] += x.x * y.x + x.y * y.y;
+        }
       }
     }
   } else {
-    for (int d = in_row; valid && d < p.d_head; d += lanes_per_row)
-      dot += __bfloat162float(o[d]) * __bfloat162float(d_o[d]);
+    for (int c = in_row; valid && c < p.d_head; c += lanes_per_row) {
+      const float y = __bfloat162float(d[c]);
+#pragma unroll
+      for (int t = 0; t < Terms; ++t) dot[t] += __bfloat162float(o[t][c]) * y;
+    }
   }
-  for (int offset = lanes_per_row / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+#pragma unroll
+  for (int t = 0; t < Terms; ++t)
+    for (int offset = lanes_per_row / 2; offset > 0; offset /= 2)
+      dot[t] += __shfl_xor_sync(0xffffffffu, dot[t], offset);
+  if (args.delta_partials) {  // the same for every thread of the grid
+    __shared__ double warp_sums[preprocess_threads / 32];
+#pragma unroll
+    for (int t = 0; t < Terms; ++t) {
+      const double sum = block_sum(valid && in_row == 0 ? double(dot[t]) : 0.0, warp_sums);
+      if (threadIdx.x == 0) args.delta_partials[std::int64_t(t) * gridDim.x + blockIdx.x] = sum;
+    }
+  }
   if (!valid) return;
   const std::int64_t stat = (std::int64_t(b) * p.n_heads + h) * p.length + i;
-  if (in_row == 0) args.delta[stat] = dot;
+  if (in_row == 0)
+#pragma unroll
+    for (int t = 0; t < Terms; ++t) args.delta[t][stat] = dot[t];
   float4* acc = reinterpret_cast<float4*>(args.dq_acc + stat * args.dq_row);
   for (int c4 = in_row; c4 < args.dq_row / 4; c4 += lanes_per_row) acc[c4] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (args.head_splits > 1 && h < p.n_kv_heads) {
@@ -207,6 +300,17 @@ __global__ void backward_preprocess_kernel(BackwardArgs args, int lanes_per_row)
   }
 }
 
+// dL/dπ_t = Σ D_t: block t adds term t's `blocks` partials, each thread a fixed stride of
+// them, then block_sum; d_pi[pi_index] is overwritten.
+__global__ void __launch_bounds__(preprocess_threads) mixture_weight_gradient_kernel(BackwardArgs args, int blocks) {
+  __shared__ double warp_sums[preprocess_threads / 32];
+  const double* partials = args.delta_partials + std::int64_t(blockIdx.x) * blocks;
+  double sum = 0;
+  for (int i = threadIdx.x; i < blocks; i += preprocess_threads) sum += partials[i];
+  sum = block_sum(sum, warp_sums);
+  if (threadIdx.x == 0) args.p.d_pi[args.p.terms[blockIdx.x].pi_index] = float(sum);
+}
+
 // One fp32 accumulator [B, heads, T, acc_row] and the [B, T, heads, D] bf16 tensor that
 // pass 3 writes from it: out = scale·acc (+ out when accumulating).
 struct RoundingJob {
@@ -215,6 +319,7 @@ struct RoundingJob {
   Strides strides;
   int heads = 0;
   float scale = 1.f;
+  const float* weight = nullptr;  // device factor of scale (π of a single weighted term), or none
 };
 
 // Pass 3 over up to three jobs (dq; dk and dv when heads were split), blockIdx.z picking one.
@@ -230,6 +335,7 @@ template <bool Accumulate, bool Vector>
 __global__ void backward_finish_kernel(FinishArgs args) {
   // Selected by value rather than indexed, which would copy the parameters to local memory.
   const RoundingJob job = blockIdx.z == 0 ? args.jobs[0] : blockIdx.z == 1 ? args.jobs[1] : args.jobs[2];
+  const float scale = job.weight ? job.scale * *job.weight : job.scale;
   constexpr int group = Vector ? 8 : 1;
   const int groups_per_row = args.d_head / group;
   const std::int64_t groups = std::int64_t(args.length) * groups_per_row;
@@ -252,7 +358,7 @@ __global__ void backward_finish_kernel(FinishArgs args) {
         auto* packed2 = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          float2 x{job.scale * v[2 * k], job.scale * v[2 * k + 1]};
+          float2 x{scale * v[2 * k], scale * v[2 * k + 1]};
           if constexpr (Accumulate) {
             const float2 y = __bfloat1622float2(old2[k]);
             x.x += y.x;
@@ -262,7 +368,7 @@ __global__ void backward_finish_kernel(FinishArgs args) {
         }
         *reinterpret_cast<uint4*>(out) = packed;
       } else {
-        float value = job.scale * *a;
+        float value = scale * *a;
         if constexpr (Accumulate) value += __bfloat162float(*out);
         *out = __float2bfloat16(value);
       }
@@ -270,15 +376,17 @@ __global__ void backward_finish_kernel(FinishArgs args) {
   }
 }
 
-// dK and dV of one key row and column pair, from the accumulators to bf16 (dK scaled), added
-// to what the outputs hold when accumulating; rows past T and columns past d_head are dropped.
-__device__ __forceinline__ void store_key_gradients(const BackwardParams& p, std::int64_t dk_head,
-                                                    std::int64_t dv_head, int key, int col, float dk0, float dk1,
-                                                    float dv0, float dv1) {
+// dK and dV of one key row and column pair, from the accumulators to bf16 (both times
+// `weight`, dK scaled), added to what the outputs hold when accumulating; rows past T and
+// columns past d_head are dropped.
+__device__ __forceinline__ void store_key_gradients(const MixtureBackwardParams& p, float weight,
+                                                    std::int64_t dk_head, std::int64_t dv_head, int key, int col,
+                                                    float dk0, float dk1, float dv0, float dv1) {
   if (key >= p.length) return;
   bfloat16* dk = p.dk + dk_head + key * p.dk_strides.token;
   bfloat16* dv = p.dv + dv_head + key * p.dv_strides.token;
-  const float dk_values[2] = {p.scale * dk0, p.scale * dk1}, dv_values[2] = {dv0, dv1};
+  const float dk_scale = p.scale * weight;
+  const float dk_values[2] = {dk_scale * dk0, dk_scale * dk1}, dv_values[2] = {weight * dv0, weight * dv1};
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (col + j >= p.d_head) break;

@@ -2,10 +2,11 @@
 // (mma.sync m16n8k16, bf16 in, fp32 accumulate), any GPU from sm_80 on.
 //
 // One CTA of 4 warps per (batch, kv head, tile of 64 keys); warp w owns keys [16w, 16w + 16).
-// For every query head of the kv head's group and every tile of 32 queries the mask lets see
-// these keys, with s = scale·q·k and P, dP transposed (keys as rows, as the warp owns them):
-//   Sᵀ = K Qᵀ,  dPᵀ = V dOᵀ,  Pᵀ = exp(Sᵀ − lse),  dSᵀ = Pᵀ ∘ (dPᵀ − D),
-//   dV += Pᵀ dO,  dK += dSᵀ Q   (registers, A operands straight from the accumulators),
+// For every query head of the kv head's group and every tile of 32 queries some term's mask
+// lets see these keys, with s = scale·q·k and P, dP transposed (keys as rows, as the warp
+// owns them; the terms of backward_common.cuh, d the upstream gradient):
+//   Sᵀ = K Qᵀ,  dPᵀ = V dᵀ,  P̄ᵀ = Σ_t π_t exp(Sᵀ − lse_t),  dSᵀ = Σ_t π_t Pᵀ_t ∘ (dPᵀ − D_t),
+//   dV += P̄ᵀ d,  dK += dSᵀ Q   (registers, A operands straight from the accumulators),
 //   dQ  = dS K                  (dSᵀ through shared memory; added to the fp32 accumulator).
 // dK is scaled once at the end, dQ in the finishing pass. Q, dO, lse and D tiles are double
 // buffered: the next one loads while this one computes.
@@ -20,7 +21,7 @@
 
 namespace dash::cuda::attention::backward_kernels {
 
-template <int DPad>
+template <int DPad, int Terms>
 struct MmaBackwardTiles {
   static constexpr int keys = 64, queries = 32, threads = 128;
   using Rows = Padded<DPad>;        // K, V, Q, dO: [rows][DPad]
@@ -32,29 +33,35 @@ struct MmaBackwardTiles {
   static constexpr int q_offset = v_offset + key_tile_bytes;            // two stages
   static constexpr int do_offset = q_offset + 2 * query_tile_bytes;     // two stages
   static constexpr int ds_offset = do_offset + 2 * query_tile_bytes;
-  static constexpr int lse_offset = ds_offset + keys * DsRows::row_bytes;  // two stages of fp32
-  static constexpr int delta_offset = lse_offset + 2 * queries * 4;
-  static constexpr int smem_bytes = delta_offset + 2 * queries * 4;
+  // Two stages of [Terms][lse, D][queries] fp32 (load_row_stats).
+  static constexpr int stats_offset = ds_offset + keys * DsRows::row_bytes;
+  static constexpr int stats_stage_bytes = Terms * 2 * queries * 4;
+  static constexpr int smem_bytes = stats_offset + 2 * stats_stage_bytes;
 };
 
-template <int DPad>
+template <int DPad, int Terms>
 __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
-  using Tiles = MmaBackwardTiles<DPad>;
+  using Tiles = MmaBackwardTiles<DPad, Terms>;
   constexpr int Bk = Tiles::keys, Bq = Tiles::queries, Threads = Tiles::threads;
   constexpr int row_bytes = Tiles::Rows::row_bytes, ds_row_bytes = Tiles::DsRows::row_bytes;
   constexpr float log2e = 1.4426950408889634f;
   extern __shared__ __align__(16) unsigned char smem[];
   const std::uint32_t base = ptx::shared_address(smem);
   const std::uint32_t sK = base + Tiles::k_offset, sV = base + Tiles::v_offset, sdS = base + Tiles::ds_offset;
-  const float* lse_smem = reinterpret_cast<const float*>(smem + Tiles::lse_offset);
-  const float* delta_smem = reinterpret_cast<const float*>(smem + Tiles::delta_offset);
+  const float* stats_smem = reinterpret_cast<const float*>(smem + Tiles::stats_offset);
 
-  const BackwardParams& p = args.p;
+  const MixtureBackwardParams& p = args.p;
   const int k0 = blockIdx.x * Bk, kv_head = blockIdx.y, b = blockIdx.z;
   const int group = p.n_heads / p.n_kv_heads;
-  const TileMask mask{args.window, args.sinks};
+  TileMask masks[Terms];
+  float weight[Terms];  // one term: π applied where the gradients are written
+#pragma unroll
+  for (int t = 0; t < Terms; ++t) {
+    masks[t] = args.masks[t];
+    weight[t] = Terms == 1 ? 1.f : p.pi[p.terms[t].pi_index];
+  }
   const int first_tile = k0 / Bq;
-  const int tiles_per_head = (mask.query_end(k0, k0 + Bk, p.length) + Bq - 1) / Bq - first_tile;
+  const int tiles_per_head = (args.query_end<Terms>(k0, k0 + Bk) + Bq - 1) / Bq - first_tile;
   const int steps = group * tiles_per_head;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
@@ -67,13 +74,10 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
     load_tile<Bq, DPad, typename Tiles::Rows, Threads>(
         base + Tiles::q_offset + stage * Tiles::query_tile_bytes, p.q + head_offset(p.q_strides, b, at.head, p.d_head),
         p.q_strides.token, q0, p.length, p.d_head, args.vector_qkv);
-    load_tile<Bq, DPad, typename Tiles::Rows, Threads>(
-        base + Tiles::do_offset + stage * Tiles::query_tile_bytes,
-        p.d_o + head_offset(p.d_o_strides, b, at.head, p.d_head), p.d_o_strides.token, q0, p.length, p.d_head,
-        args.vector_qkv);
-    const std::int64_t stats = (std::int64_t(b) * p.n_heads + at.head) * p.length;
-    load_row_stats<Bq>(base + Tiles::lse_offset + stage * Bq * 4, base + Tiles::delta_offset + stage * Bq * 4,
-                       p.lse + stats, args.delta + stats, q0, p.length);
+    load_tile<Bq, DPad, typename Tiles::Rows, Threads>(base + Tiles::do_offset + stage * Tiles::query_tile_bytes,
+                                                       p.d + head_offset(p.d_strides, b, at.head, p.d_head),
+                                                       p.d_strides.token, q0, p.length, p.d_head, args.vector_qkv);
+    load_row_stats<Bq, Terms>(base + Tiles::stats_offset + stage * Tiles::stats_stage_bytes, args, b, at.head, q0);
   };
   StepCursor at{kv_head * group, first_tile, first_tile, first_tile + tiles_per_head}, next = at;
   if (steps > 0) load_step(at, 0);
@@ -87,8 +91,7 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
     const int h = at.head, q0 = at.tile * Bq;
     const std::uint32_t sQ = base + Tiles::q_offset + stage * Tiles::query_tile_bytes;
     const std::uint32_t sdO = base + Tiles::do_offset + stage * Tiles::query_tile_bytes;
-    const float* lse = lse_smem + stage * Bq;
-    const float* delta = delta_smem + stage * Bq;
+    const float* stats = stats_smem + stage * (Tiles::stats_stage_bytes / 4);
     ptx::cp_async_wait<0>();
     __syncthreads();  // this step's tiles are in; every warp is done with the other stage and dSᵀ
     next.advance();
@@ -116,21 +119,26 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
       }
     }
 
-    // Pᵀ and dSᵀ in place; element (nt, 2·half + j) is key g + 8·half, query 8·nt + 2t + j.
+    // P̄ᵀ and dSᵀ in place; element (nt, 2·half + j) is key g + 8·half, query 8·nt + 2t + j.
     const int key0 = k0 + warp * 16 + g;
-    const bool masked = !mask.full(q0, q0 + Bq, k0 + warp * 16, k0 + warp * 16 + 16);
+    bool masked = false;
+#pragma unroll
+    for (int u = 0; u < Terms; ++u) masked |= !masks[u].full(q0, q0 + Bq, k0 + warp * 16, k0 + warp * 16 + 16);
 #pragma unroll
     for (int nt = 0; nt < Bq / 8; ++nt)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int col = nt * 8 + 2 * t + j;
-        const float neg_lse = -lse[col] * log2e, row_delta = delta[col];
+        float neg_lse[Terms], row_delta[Terms];
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const float prob = ptx::fast_exp2(fmaf(s[nt][2 * half + j], scale_log2, neg_lse));
-          s[nt][2 * half + j] = masked && !mask.visible(q0 + col, key0 + 8 * half) ? 0.f : prob;
-          dp[nt][2 * half + j] = s[nt][2 * half + j] * (dp[nt][2 * half + j] - row_delta);
+        for (int u = 0; u < Terms; ++u) {
+          neg_lse[u] = -stats[2 * Bq * u + col] * log2e;
+          row_delta[u] = stats[2 * Bq * u + Bq + col];
         }
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          mixture_element<Terms>(s[nt][2 * half + j], dp[nt][2 * half + j], scale_log2, weight, neg_lse, row_delta,
+                                 masks, masked, q0 + col, key0 + 8 * half);
       }
     // The accumulator of two adjacent n-tiles is the A operand of one k16 step.
     std::uint32_t p_frag[Bq / 16][4], ds_frag[Bq / 16][4];
@@ -198,12 +206,13 @@ __global__ void __launch_bounds__(128) backward_mma_kernel(BackwardArgs args) {
 
   const std::int64_t dk_head = head_offset(p.dk_strides, b, kv_head, p.d_head);
   const std::int64_t dv_head = head_offset(p.dv_strides, b, kv_head, p.d_head);
+  const float gradient_weight = args.gradient_weight();
 #pragma unroll
   for (int nt = 0; nt < DPad / 8; ++nt)
 #pragma unroll
     for (int half = 0; half < 2; ++half)
-      store_key_gradients(p, dk_head, dv_head, k0 + warp * 16 + g + 8 * half, nt * 8 + 2 * t, dk[nt][2 * half],
-                          dk[nt][2 * half + 1], dv[nt][2 * half], dv[nt][2 * half + 1]);
+      store_key_gradients(p, gradient_weight, dk_head, dv_head, k0 + warp * 16 + g + 8 * half, nt * 8 + 2 * t,
+                          dk[nt][2 * half], dk[nt][2 * half + 1], dv[nt][2 * half], dv[nt][2 * half + 1]);
 }
 
 }  // namespace dash::cuda::attention::backward_kernels

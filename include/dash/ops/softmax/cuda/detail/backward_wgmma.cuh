@@ -4,14 +4,19 @@
 //
 // One CTA of two warpgroups per (tile of 128 keys, batch, kv head, head split), in the order of
 // key_tile_work (backward_common.cuh); warpgroup w owns keys [64w, 64w + 64). For every query
-// head of its share of the kv head's group and every tile of 64 queries the mask lets see
-// these keys (s = scale·q·k, keys as rows):
+// head of its share of the kv head's group and every tile of 64 queries some term's mask lets
+// see these keys (s = scale·q·k, keys as rows; dO is the upstream gradient d of the terms of
+// backward_common.cuh):
 //   Sᵀ = K Qᵀ,  dPᵀ = V dOᵀ                  (m64n64, both operands K-major in shared memory)
 //   Pᵀ = exp(Sᵀ − lse)                       (registers, fp32, while dPᵀ still runs)
 //   dV += Pᵀ dO                              (m64nD, A = Pᵀ from registers, B = dO transposed)
 //   dSᵀ = Pᵀ ∘ (dPᵀ − D),  dK += dSᵀ Q        (while dV runs; same form as dV)
 //   dQ  = dS K                               (m64n(D/2) per warpgroup over all 128 keys: dSᵀ
 //                                             and K transposed from shared memory)
+// With two terms, P̄ᵀ = Σ_t π_t Pᵀ_t and dSᵀ = Σ_t π_t Pᵀ_t ∘ (dPᵀ − D_t) take the place of Pᵀ and
+// dSᵀ: both are formed once dPᵀ is in (no second P tile stays live beside them), with one
+// exponential per element for each term whose mask reaches the warpgroup's tile; every GEMM
+// runs once per tile, as for one term.
 // dK, dV stay in registers until the end, then go out through shared memory in 16-byte
 // chunks: as bf16 when the CTA holds the whole group, else added to the fp32 dk, dv
 // accumulators (16-byte atomics) for pass 3 to round. Each step's dQ tile goes through shared
@@ -33,7 +38,7 @@
 
 namespace dash::cuda::attention::backward_kernels {
 
-template <int DPad>
+template <int DPad, int Terms>
 struct WgmmaBackwardTiles {
   static constexpr int keys = 128, queries = 64, threads = 256;
   static constexpr int key_tile_bytes = keys * DPad * 2, query_tile_bytes = queries * DPad * 2;
@@ -48,9 +53,10 @@ struct WgmmaBackwardTiles {
   static constexpr int do_offset = q_offset + 2 * query_tile_bytes;     // two stages
   static constexpr int ds_offset = do_offset + 2 * query_tile_bytes;    // dSᵀ [keys][queries]
   static constexpr int dq_offset = ds_offset + keys * queries * 2;      // two stages
-  static constexpr int lse_offset = dq_offset + 2 * dq_tile_bytes;      // two stages of fp32
-  static constexpr int delta_offset = lse_offset + 2 * queries * 4;
-  static constexpr int smem_bytes = delta_offset + 2 * queries * 4 + 1024;  // + alignment of the base
+  // Two stages of [Terms][lse, D][queries] fp32 (load_row_stats).
+  static constexpr int stats_offset = dq_offset + 2 * dq_tile_bytes;
+  static constexpr int stats_stage_bytes = Terms * 2 * queries * 4;
+  static constexpr int smem_bytes = stats_offset + 2 * stats_stage_bytes + 1024;  // + alignment of the base
 };
 
 // Pᵀ (in place of Sᵀ) and dSᵀ (in place of dPᵀ) for one warpgroup's accumulators: element
@@ -77,28 +83,66 @@ __device__ __forceinline__ void probabilities(float (&s)[32], const float* lse, 
   }
 }
 
-template <int DPad>
+// P̄ᵀ and dSᵀ in place of Sᵀ and dPᵀ from `Terms` terms (mixture_element) for one warpgroup's
+// accumulators; `stats` holds each term's lse and D rows 2·64 floats apart per term.
+template <int Terms>
+__device__ __forceinline__ void mixture_probabilities(float (&s)[32], float (&dp)[32], const float* stats,
+                                                      float scale_log2, const float (&weight)[Terms],
+                                                      const TileMask (&masks)[Terms], bool masked, int q0, int key0,
+                                                      int t) {
+  constexpr float log2e = 1.4426950408889634f;
+  constexpr int rows = 64;
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    float2 lse[Terms], delta[Terms];
+#pragma unroll
+    for (int u = 0; u < Terms; ++u) {
+      lse[u] = reinterpret_cast<const float2*>(stats + 2 * rows * u)[4 * c + t];
+      delta[u] = reinterpret_cast<const float2*>(stats + 2 * rows * u + rows)[4 * c + t];
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float neg_lse[Terms], row_delta[Terms];
+#pragma unroll
+      for (int u = 0; u < Terms; ++u) {
+        neg_lse[u] = -(j ? lse[u].y : lse[u].x) * log2e;
+        row_delta[u] = j ? delta[u].y : delta[u].x;
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        mixture_element<Terms>(s[4 * c + 2 * half + j], dp[4 * c + 2 * half + j], scale_log2, weight, neg_lse,
+                               row_delta, masks, masked, q0 + 8 * c + 2 * t + j, key0 + 8 * half);
+    }
+  }
+}
+
+template <int DPad, int Terms>
 __global__ void __launch_bounds__(256, 1)
     backward_wgmma_kernel(BackwardArgs args, const __grid_constant__ CUtensorMap dq_map) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // launched only on sm_90, whose code is built for sm_90a
 #else
-  using Tiles = WgmmaBackwardTiles<DPad>;
+  using Tiles = WgmmaBackwardTiles<DPad, Terms>;
   constexpr int Bk = Tiles::keys, Bq = Tiles::queries, Threads = Tiles::threads;
   constexpr int dq_cols = DPad / 2;  // dQ columns per warpgroup
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t raw = ptx::shared_address(smem_raw), base = (raw + 1023) & ~1023u;
   unsigned char* smem = smem_raw + (base - raw);
   const std::uint32_t sK = base + Tiles::k_offset, sV = base + Tiles::v_offset, sdS = base + Tiles::ds_offset;
-  const float* lse_smem = reinterpret_cast<const float*>(smem + Tiles::lse_offset);
-  const float* delta_smem = reinterpret_cast<const float*>(smem + Tiles::delta_offset);
+  const float* stats_smem = reinterpret_cast<const float*>(smem + Tiles::stats_offset);
 
-  const BackwardParams& p = args.p;
+  const MixtureBackwardParams& p = args.p;
   const KeyTileWork work = key_tile_work(args, blockIdx.x);
   const int k0 = work.key_tile * Bk, kv_head = work.kv_head, b = work.batch;
-  const TileMask mask{args.window, args.sinks};
+  TileMask masks[Terms];
+  float weight[Terms];  // one term: π applied where the gradients are written
+#pragma unroll
+  for (int u = 0; u < Terms; ++u) {
+    masks[u] = args.masks[u];
+    weight[u] = Terms == 1 ? 1.f : p.pi[p.terms[u].pi_index];
+  }
   const int first_tile = k0 / Bq;
-  const int end_tile = (mask.query_end(k0, k0 + Bk, p.length) + Bq - 1) / Bq;
+  const int end_tile = (args.query_end<Terms>(k0, k0 + Bk) + Bq - 1) / Bq;
   const int steps = work.heads * (end_tile - first_tile);
   const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, t = lane % 4;
 
@@ -111,13 +155,10 @@ __global__ void __launch_bounds__(256, 1)
     load_tile<Bq, DPad, Swizzled128<Bq>, Threads>(
         base + Tiles::q_offset + stage * Tiles::query_tile_bytes, p.q + head_offset(p.q_strides, b, at.head, p.d_head),
         p.q_strides.token, q0, p.length, p.d_head, args.vector_qkv);
-    load_tile<Bq, DPad, Swizzled128<Bq>, Threads>(
-        base + Tiles::do_offset + stage * Tiles::query_tile_bytes,
-        p.d_o + head_offset(p.d_o_strides, b, at.head, p.d_head), p.d_o_strides.token, q0, p.length, p.d_head,
-        args.vector_qkv);
-    const std::int64_t stats = (std::int64_t(b) * p.n_heads + at.head) * p.length;
-    load_row_stats<Bq>(base + Tiles::lse_offset + stage * Bq * 4, base + Tiles::delta_offset + stage * Bq * 4,
-                       p.lse + stats, args.delta + stats, q0, p.length);
+    load_tile<Bq, DPad, Swizzled128<Bq>, Threads>(base + Tiles::do_offset + stage * Tiles::query_tile_bytes,
+                                                   p.d + head_offset(p.d_strides, b, at.head, p.d_head),
+                                                   p.d_strides.token, q0, p.length, p.d_head, args.vector_qkv);
+    load_row_stats<Bq, Terms>(base + Tiles::stats_offset + stage * Tiles::stats_stage_bytes, args, b, at.head, q0);
   };
   // Thread 0 sends the dQ tile of a step, box by box over the columns below dq_row.
   const auto send_dq = [&](const StepCursor& at, int stage) {
@@ -173,13 +214,39 @@ __global__ void __launch_bounds__(256, 1)
     if (step + 1 < steps) load_step(next, stage ^ 1);
     ptx::cp_async_commit();
 
-    const bool masked = !mask.full(q0, q0 + Bq, k0 + wg * 64, k0 + wg * 64 + 64);
-    ptx::wgmma_wait<1>();
-    ptx::fence_registers(s);
-    if (masked)
-      probabilities<true>(s, lse_smem + stage * Bq, scale_log2, mask, q0, key0, t);
-    else
-      probabilities<false>(s, lse_smem + stage * Bq, scale_log2, mask, q0, key0, t);
+    const float* stats = stats_smem + stage * (Tiles::stats_stage_bytes / 4);
+    const int wk0 = k0 + wg * 64;  // this warpgroup's keys [wk0, wk0 + 64)
+    if constexpr (Terms == 1) {
+      const bool masked = !masks[0].full(q0, q0 + Bq, wk0, wk0 + 64);
+      ptx::wgmma_wait<1>();
+      ptx::fence_registers(s);
+      if (masked)
+        probabilities<true>(s, stats, scale_log2, masks[0], q0, key0, t);
+      else
+        probabilities<false>(s, stats, scale_log2, masks[0], q0, key0, t);
+    } else {
+      ptx::wgmma_wait<0>();
+      ptx::fence_registers(s);
+      ptx::fence_registers(dp);
+      const bool reach0 = masks[0].reaches(q0, q0 + Bq, wk0, wk0 + 64);
+      const bool reach1 = masks[1].reaches(q0, q0 + Bq, wk0, wk0 + 64);
+      if (reach0 && reach1) {
+        if (masks[0].full(q0, q0 + Bq, wk0, wk0 + 64) && masks[1].full(q0, q0 + Bq, wk0, wk0 + 64))
+          mixture_probabilities<2>(s, dp, stats, scale_log2, weight, masks, false, q0, key0, t);
+        else
+          mixture_probabilities<2>(s, dp, stats, scale_log2, weight, masks, true, q0, key0, t);
+      } else {  // one term (or none: every pair hidden, as on a diagonal tile's upper keys)
+        // Selected, not indexed: a runtime index would put the arrays in local memory.
+        const bool second = reach1 && !reach0;
+        const float one_weight[1] = {second ? weight[1] : weight[0]};
+        const TileMask one_mask[1] = {second ? masks[1] : masks[0]};
+        const float* one_stats = second ? stats + 2 * Bq : stats;
+        if (one_mask[0].full(q0, q0 + Bq, wk0, wk0 + 64))
+          mixture_probabilities<1>(s, dp, one_stats, scale_log2, one_weight, one_mask, false, q0, key0, t);
+        else
+          mixture_probabilities<1>(s, dp, one_stats, scale_log2, one_weight, one_mask, true, q0, key0, t);
+      }
+    }
     // The accumulator's two adjacent n8 columns are the A operand of one k16 step.
     std::uint32_t p_frag[4][4];
 #pragma unroll
@@ -196,19 +263,29 @@ __global__ void __launch_bounds__(256, 1)
       ptx::wgmma_rs<1>(dv, p_frag[kk], ptx::wgmma_descriptor(sdO + kk * 2048, Bq * 128), 1);
     ptx::wgmma_commit();
 
-    // dSᵀ = Pᵀ ∘ (dPᵀ − D), while dV runs.
-    ptx::wgmma_wait<1>();
-    ptx::fence_registers(dp);
-    const float* delta = delta_smem + stage * Bq;
+    // dSᵀ = Pᵀ ∘ (dPᵀ − D), while dV runs (two terms: formed above, in dp).
     std::uint32_t ds_frag[4][4];
+    if constexpr (Terms == 1) {
+      ptx::wgmma_wait<1>();
+      ptx::fence_registers(dp);
+      const float* delta = stats + Bq;
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const float2 d = reinterpret_cast<const float2*>(delta)[4 * c + t];
+      for (int c = 0; c < 8; ++c) {
+        const float2 d = reinterpret_cast<const float2*>(delta)[4 * c + t];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int e = 4 * c + 2 * half;
-        ds_frag[c / 2][(c % 2) * 2 + half] = ptx::pack_bf16x2(s[e] * (dp[e] - d.x), s[e + 1] * (dp[e + 1] - d.y));
+        for (int half = 0; half < 2; ++half) {
+          const int e = 4 * c + 2 * half;
+          ds_frag[c / 2][(c % 2) * 2 + half] = ptx::pack_bf16x2(s[e] * (dp[e] - d.x), s[e + 1] * (dp[e + 1] - d.y));
+        }
       }
+    } else {
+#pragma unroll
+      for (int c = 0; c < 8; ++c)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int e = 4 * c + 2 * half;
+          ds_frag[c / 2][(c % 2) * 2 + half] = ptx::pack_bf16x2(dp[e], dp[e + 1]);
+        }
     }
 
     // dK += dSᵀ Q.
@@ -289,7 +366,7 @@ __global__ void __launch_bounds__(256, 1)
       ptx::st_shared_v2_f32(base + staged(1, row, col), dv[4 * c + 2 * half], dv[4 * c + 2 * half + 1]);
     }
   __syncthreads();
-  if (args.head_splits > 1) {  // a share of the group: fp32 sums, rounded in pass 3
+  if (args.head_splits > 1) {  // a share of the group: fp32 sums, weighted and rounded in pass 3
     const std::int64_t rows = (std::int64_t(b) * p.n_kv_heads + kv_head) * p.length;
     for (int e = threadIdx.x; e < Bk * (DPad / 4); e += Threads) {
       const int row = e / (DPad / 4), col = 4 * (e % (DPad / 4)), key = k0 + row;
@@ -304,6 +381,7 @@ __global__ void __launch_bounds__(256, 1)
   }
   const std::int64_t dk_head = head_offset(p.dk_strides, b, kv_head, p.d_head);
   const std::int64_t dv_head = head_offset(p.dv_strides, b, kv_head, p.d_head);
+  const float gradient_weight = args.gradient_weight();
   for (int e = threadIdx.x; e < Bk * (DPad / 8); e += Threads) {
     const int row = e / (DPad / 8), col = 8 * (e % (DPad / 8)), key = k0 + row;
     if (key >= p.length || col >= p.d_head) continue;
@@ -313,7 +391,7 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float4 x = *reinterpret_cast<const float4*>(smem + staged(g, row, col + 4 * h));
-        const float factor = g == 0 ? p.scale : 1.f;
+        const float factor = g == 0 ? p.scale * gradient_weight : gradient_weight;
         grad[g][4 * h] = factor * x.x, grad[g][4 * h + 1] = factor * x.y;
         grad[g][4 * h + 2] = factor * x.z, grad[g][4 * h + 3] = factor * x.w;
       }
