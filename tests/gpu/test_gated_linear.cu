@@ -259,7 +259,10 @@ std::vector<Layout> layouts(Rng& rng) {
       {1, 65, 3, 1, 8, 1},   {1, 130, 2, 2, 64, 1},
       // long sequences: many chunk states
       {1, 1000, 2, 2, 64, 16}, {1, 777, 3, 1, 40, 1}, {2, 520, 2, 2, 128, 16},
+      // enough heads for the forward's wide state tiles (sweep.cuh: wide_state_heads)
+      {4, 150, 12, 4, 128, 16},
   };
+  static_assert(4 * 12 >= kernels::detail::wide_state_heads);
   const index_t lengths[] = {1, 7, 63, 65, 130};
   const index_t widths[] = {8, 40, 64, 128};
   for (int i = 0; i < 3; ++i) {

@@ -24,10 +24,11 @@
 // registers (mma accumulators) and walks the chunks in the sweep's direction; per chunk it
 // stores R as entering the chunk (bf16, what the output pass multiplies with) to the chunk
 // states in the workspace (through the warp's shared slab, as whole 16-byte units), then
-// R = e^{b_C} R + Yᵀ diag(w) Z, the weights applied to the Yᵀ fragments in registers. y, z and the log decays stream in by cp.async `stages` − 1 chunks
-// ahead, and every warp derives the chunk's weights itself from the landed log decays one step
-// ahead (while the tensor cores run the current step), so the chain's steps issue no global
-// load of their own, keep the weights' scan off the critical path and meet at one barrier each.
+// R = e^{b_C} R + Yᵀ diag(w) Z, the weights applied to the Yᵀ fragments in registers. y, z and
+// the log decays stream in by cp.async `stages` − 1 chunks ahead, and every warp derives the
+// chunk's weights itself from the landed log decays one step ahead (while the tensor cores run
+// the current step), so the chain's steps issue no global load of their own, keep the weights'
+// scan off the critical path and meet at one barrier each.
 //
 // Output pass (parallel over chunks, heavy): a thread block owns one chunk and BV value columns
 // of one head: (1) with one pass over X's fragments, the scores A = (X Yᵀ ⊙ decay)·scale [C, C]
@@ -67,7 +68,6 @@ struct Sweep {
   float* dot_partials = nullptr;  // ... into [B, H, partials, T]
   const float* state_in = nullptr;  // state pass: [B, H, D, D] or null (zero)
   float* state_out = nullptr;       // state pass: [B, H, D, D] or null
-  bool state_transposed = false;    // R is the transpose of the [D, D] matrices of state_in/out
   bfloat16* chunk_states = nullptr;  // [B, H, chunks, W, W]: R entering each chunk in the sweep's
                                      // direction, W the padded width (zero beyond D); written by
                                      // the state pass, read by the output pass
@@ -169,6 +169,12 @@ template <int Width>
 struct DefaultStateShape : StateShape<Width, (Width < 64 ? Width : 64), (Width < 64 ? Width : 64), 4, 3> {};
 template <>
 struct DefaultStateShape<128> : StateShape<128, 32, 64, 4, 4> {};
+// Width 128 with a single chain on enough heads (the forward at B·H ≥ wide_state_heads): 64×64
+// tiles, half the blocks, each re-reading y and z from L2 half as often (H200, forward state
+// pass at B4 H16 T8192: 0.170 ms against 0.179; B1 H16 keeps 32×64, 0.189 against 0.200 ms for
+// the whole forward); the backward's two chains measured the same with either shape.
+struct WideStateShape : StateShape<128, 64, 64, 4, 3> {};
+inline constexpr int wide_state_heads = 48;
 
 // Row t of one head of an operand, at base + t·stride.
 template <class T>
@@ -349,7 +355,7 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) state_pass_
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = row0 + (e >> 1) * 8, col = v0 + 8 * j + 2 * tq + (e & 1);
-      R[j][e] = initial && row < D && col < D ? initial[s.state_transposed ? col * D + row : row * D + col] : 0.f;
+      R[j][e] = initial && row < D && col < D ? initial[row * D + col] : 0.f;
     }
 
   const TileShare<BK, threads> y_share(k0, D);
@@ -459,7 +465,7 @@ __global__ void __launch_bounds__(Shape::threads, Shape::min_blocks) state_pass_
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = row0 + (e >> 1) * 8, col = v0 + 8 * j + 2 * tq + (e & 1);
-        if (row < D && col < D) final_state[s.state_transposed ? col * D + row : row * D + col] = R[j][e];
+        if (row < D && col < D) final_state[row * D + col] = R[j][e];
       }
   }
 }
@@ -762,17 +768,28 @@ __global__ void __launch_bounds__(Shape::threads, Shape::pair_min_blocks) chunk_
 // the output pass over the sweeps of `batch`, grid (value blocks × chunks, heads, batch × sweeps),
 // and over the two sweeps of `paired` (none when paired.n_sweeps is 0), grid (chunks, heads,
 // batch), which read the chunk states the chains wrote.
-template <int Width>
-void launch_sweeps(const SweepBatch& chains, const SweepBatch& batch, const SweepBatch& paired, cudaStream_t stream) {
-  using States = DefaultStateShape<Width>;
-  using Chunks = DefaultShape<Width>;
+template <class States>
+void launch_state_pass(const SweepBatch& chains, cudaStream_t stream) {
   const auto state_kernel = state_pass_kernel<States>;
   check(cudaFuncSetAttribute(state_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, States::smem_bytes),
         "gla state pass: cudaFuncSetAttribute");
-  const unsigned heads = unsigned(chains.n_heads);
-  state_kernel<<<dim3(States::tiles, heads, unsigned(chains.batch * chains.n_sweeps)), States::threads,
-                 States::smem_bytes, stream>>>(chains);
+  state_kernel<<<dim3(States::tiles, unsigned(chains.n_heads), unsigned(chains.batch * chains.n_sweeps)),
+                 States::threads, States::smem_bytes, stream>>>(chains);
   check(cudaGetLastError(), "gla state pass launch");
+}
+
+template <int Width>
+void launch_sweeps(const SweepBatch& chains, const SweepBatch& batch, const SweepBatch& paired, cudaStream_t stream) {
+  using Chunks = DefaultShape<Width>;
+  if constexpr (Width == 128) {
+    if (chains.n_sweeps == 1 && chains.batch * chains.n_heads >= wide_state_heads)
+      launch_state_pass<WideStateShape>(chains, stream);
+    else
+      launch_state_pass<DefaultStateShape<Width>>(chains, stream);
+  } else {
+    launch_state_pass<DefaultStateShape<Width>>(chains, stream);
+  }
+  const unsigned heads = unsigned(chains.n_heads);
   const unsigned chunks = unsigned(chunk_count(chains.length));
   if (batch.n_sweeps > 0) {
     const auto chunk_kernel = chunk_pass_kernel<Chunks>;
