@@ -1,7 +1,8 @@
 // GatedDeltaNet CUDA kernels (dash::cuda::gdn) against the Eigen reference in double on the
 // same bf16-rounded inputs, and identities on the GPU: chunked == recurrent decode, a split
 // sequence carried by its state == the whole, GQA == repeated state heads, q, k, v (and dq, dk,
-// dv) as column blocks of fused row-major buffers == the dense layout, bit for bit.
+// dv) as column blocks of fused row-major buffers == the dense layout, bit for bit, and the
+// backward from a forward's kept workspace == the recomputing backward, bit for bit.
 //
 // Tolerances (relative L2): o, dq, dk, dv are bf16 outputs (test::bf16_tolerance). The final
 // state, d_initial_state, dg and dβ are stored in fp32 but come out of tensor-core products whose
@@ -593,6 +594,75 @@ TEST_CASE("gdn fused rows: q, k, v and dq, dk, dv in fused buffers equal the den
 }
 
 // ---------------------------------------------------------------------------------------------
+// Kept workspace: a forward with keep_for_backward gives the plain forward's o and final state,
+// and the backward that reads its workspace gives the recomputing backward's gradients, bit for
+// bit (the same kernels on the same inputs); the kept workspace is only read, so a second
+// backward from it gives the same again.
+
+namespace {
+
+void check_kept_workspace(const Case& c, const Inputs& in) {
+  const Results plain = run_device(c, in, true);
+  DeviceInputs d(in);
+  const gdn::Dims dims{c.B, c.T, c.H, c.Hs, c.D};
+  DeviceTensor<bfloat16> o(Shape{c.B, c.T, c.H, c.D});
+  DeviceTensor<float> final_state(Shape{c.B, c.Hs, c.D, c.D});
+  test::poison(o), test::poison(final_state);
+  gdn::Forward fwd{d.q.view(), d.k.view(), d.v.view(), d.g.view(), d.beta.view(), o.view(), optional(d.s0),
+                   final_state.view(), c.scale, eps, true};
+  REQUIRE(gdn::workspace_bytes(fwd) == gdn::kept_workspace_bytes(dims));
+  PoisonedWorkspace kept(gdn::workspace_bytes(fwd));
+  gdn::forward(fwd, kept.data, kept.bytes, nullptr);
+  cuda::check(cudaDeviceSynchronize(), "gdn forward (keep_for_backward)");
+  INFO(describe(c));
+  CHECK(same_bits(cuda::to_host_double(o), plain.o));
+  CHECK(same_bits(cuda::to_host_double(final_state), plain.final_state));
+
+  for (int call = 0; call < 2; ++call) {
+    DeviceTensor<bfloat16> dq(in.q.shape()), dk(in.k.shape()), dv(in.v.shape());
+    DeviceTensor<float> dg(in.g.shape()), dbeta(in.beta.shape()), d_initial(Shape{c.B, c.Hs, c.D, c.D});
+    test::poison(dq), test::poison(dk), test::poison(dv), test::poison(dg), test::poison(dbeta);
+    test::poison(d_initial);
+    gdn::Backward bwd{d.q.view(), d.k.view(), d.v.view(), d.g.view(), d.beta.view(), optional(d.s0), d.d_o.view(),
+                      optional(d.d_final), dq.view(), dk.view(), dv.view(), dg.view(), dbeta.view(),
+                      d_initial.view(), c.scale, eps};
+    PoisonedWorkspace scratch(gdn::backward_scratch_bytes(dims));
+    gdn::backward(bwd, kept.data, kept.bytes, scratch.data, scratch.bytes, nullptr);
+    cuda::check(cudaDeviceSynchronize(), "gdn backward (kept workspace)");
+    INFO("backward call ", call);
+    CHECK(same_bits(cuda::to_host_double(dq), plain.dq));
+    CHECK(same_bits(cuda::to_host_double(dk), plain.dk));
+    CHECK(same_bits(cuda::to_host_double(dv), plain.dv));
+    CHECK(same_bits(cuda::to_host_double(dg), plain.dg));
+    CHECK(same_bits(cuda::to_host_double(dbeta), plain.dbeta));
+    CHECK(same_bits(cuda::to_host_double(d_initial), plain.d_initial));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("gdn backward from a kept forward workspace equals the recomputing backward") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn kept workspace");
+  const Case cases[] = {
+      {2, 1, 2, 2, 64, Decay::weak, Keep::mid, false, false},
+      {1, 65, 4, 2, 8, Decay::strong, Keep::high, true, true},
+      {2, 130, 2, 1, 40, Decay::mixed, Keep::low, false, true},
+      {1, 200, 3, 3, 128, Decay::mixed, Keep::mid, true, false, 0.125f},
+      {2, 129, 6, 3, 64, Decay::weak, Keep::high, true, true},
+      {3, 1000, 4, 4, 64, Decay::weak, Keep::mid, true, true},  // 16 chunks: the overlapped passes wait
+  };
+  for (const Case& c : cases) check_kept_workspace(c, make_inputs(c, rng));
+}
+
+TEST_CASE("gdn sanitizer subset: kept forward workspace") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("gdn sanitizer kept");
+  const Case c{1, 70, 2, 1, 40, Decay::mixed, Keep::mid, true, true};
+  check_kept_workspace(c, make_inputs(c, rng));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bad input: every launcher check throws dash::Error before any CUDA call (no device needed).
 
 namespace {
@@ -655,6 +725,10 @@ std::string forward_error(const gdn::Forward& a, void* ws = fake_workspace, std:
 }
 std::string backward_error(const gdn::Backward& a, void* ws = fake_workspace, std::size_t bytes = big) {
   return test::error_of([&] { gdn::backward(a, ws, bytes, nullptr); });
+}
+std::string kept_backward_error(const gdn::Backward& a, const void* kept, std::size_t kept_bytes, void* scratch,
+                                std::size_t scratch_bytes) {
+  return test::error_of([&] { gdn::backward(a, kept, kept_bytes, scratch, scratch_bytes, nullptr); });
 }
 
 }  // namespace
@@ -828,6 +902,52 @@ TEST_CASE("gdn backward refuses bad input without a device") {
   }
 }
 
+TEST_CASE("gdn forward keeping its workspace refuses a forward-sized workspace without a device") {
+  gdn::Forward a = good_forward();
+  a.keep_for_backward = true;
+  const gdn::Dims d{B, T, H, Hs, D};
+  const std::size_t bytes = gdn::forward_workspace_bytes(d);
+  REQUIRE(bytes < gdn::kept_workspace_bytes(d));
+  CHECK(gdn::workspace_bytes(a) == gdn::kept_workspace_bytes(d));
+  const std::string error = forward_error(a, fake_workspace, bytes);
+  CHECK(test::contains(error, "keep_for_backward"));
+  CHECK(test::contains(error, "workspace of"));
+}
+
+TEST_CASE("gdn backward from a kept workspace refuses bad input without a device") {
+  gdn::Backward a = good_backward();
+  const gdn::Dims d{B, T, H, Hs, D};
+  const std::size_t kept = gdn::kept_workspace_bytes(d), scratch = gdn::backward_scratch_bytes(d);
+  char* const base = static_cast<char*>(fake_workspace);
+  SUBCASE("sizes add up to the recomputing backward's") {
+    CHECK(kept + scratch == gdn::backward_workspace_bytes(d));
+    CHECK(gdn::forward_workspace_bytes(d) < kept);
+  }
+  SUBCASE("kept workspace too small") {
+    const std::string error = kept_backward_error(a, base, kept - 1, base, scratch);
+    CHECK(test::contains(error, "kept: workspace of"));
+  }
+  SUBCASE("kept workspace null") {
+    CHECK(test::contains(kept_backward_error(a, nullptr, kept, base, scratch), "kept: workspace is null"));
+  }
+  SUBCASE("kept workspace misaligned") {
+    CHECK(test::contains(kept_backward_error(a, base + 8, kept, base, scratch), "kept: workspace must be 16-byte"));
+  }
+  SUBCASE("scratch too small") {
+    CHECK(test::contains(kept_backward_error(a, base, kept, base, scratch - 1), "scratch: workspace of"));
+  }
+  SUBCASE("scratch null") {
+    CHECK(test::contains(kept_backward_error(a, base, kept, nullptr, scratch), "scratch: workspace is null"));
+  }
+  SUBCASE("scratch misaligned") {
+    CHECK(test::contains(kept_backward_error(a, base, kept, base + 4, scratch), "scratch: workspace must be 16-byte"));
+  }
+  SUBCASE("bad gradient as in the recomputing backward") {
+    a.dk = device_view<bfloat16>(Shape{B, T, H, D});
+    CHECK(test::contains(kept_backward_error(a, base, kept, base, scratch), "dk: shape"));
+  }
+}
+
 TEST_CASE("gdn decode refuses bad input without a device") {
   gdn::Decode a = good_decode();
   const auto error = [&] { return test::error_of([&] { gdn::decode(a, nullptr); }); };
@@ -875,4 +995,11 @@ TEST_CASE("gdn workspace sizes refuse bad dimensions without a device") {
                        "state heads must divide"));
   CHECK(test::contains(test::error_of([] { (void)gdn::backward_workspace_bytes(gdn::Dims{1, 8, 2, 2, 0}); }),
                        "head dimension D = 0"));
+  CHECK(test::contains(test::error_of([] { (void)gdn::kept_workspace_bytes(gdn::Dims{0, 8, 2, 2, 16}); }),
+                       "expected all >= 1"));
+  CHECK(test::contains(test::error_of([] { (void)gdn::backward_scratch_bytes(gdn::Dims{1, 8, 2, 2, 129}); }),
+                       "head dimension D = 129"));
+  CHECK(test::contains(
+      test::error_of([] { (void)gdn::forward_workspace_bytes(gdn::Dims{65535, index_t(1) << 30, 65535, 65535, 8}); }),
+      "expected at most 2^31 - 1"));
 }

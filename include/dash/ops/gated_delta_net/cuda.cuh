@@ -7,15 +7,26 @@
 //
 //   forward   chunked (WY / UT) form, chunks of 64 tokens, tensor-core products (bf16 operands,
 //             fp32 accumulation), the state carried in fp32 (forward.cuh); optional initial
-//             and final state fp32 [B, Hs, D, D].
+//             and final state fp32 [B, Hs, D, D]. Its output pass overlaps the sequential pass
+//             (a programmatic dependent launch that waits chunk by chunk).
 //   backward  dq, dk, dv (bf16; dk, dv per state head with the group's contributions summed),
 //             dg, dβ (fp32); optional d_final_state in and d_initial_state out (backward.cuh).
-//             The chunk-start checkpoints are recomputed (not taken from a forward call).
+//             It needs the forward's workspace (k̂, w, u, W, the chunk-start states, T = (I + A)⁻¹
+//             per chunk, …): either it recomputes it (backward with one workspace), or it reads
+//             it from a forward run with keep_for_backward (backward with the kept workspace
+//             and a separate scratch), which saves two of its five passes. The results are the
+//             same bit for bit: both run the same kernels on the same inputs.
 //   decode    the recurrent form, T ≥ 1 tokens advancing a fp32 state in place (decode.cuh).
 //
 // Any D in 1…128 (padded to 32, 64 or 128 inside with zeros). Launchers check every argument
-// before any CUDA call and throw dash::Error; forward and backward take a workspace of at least
-// workspace_bytes(...) bytes (16-byte aligned), never allocate, never synchronise.
+// before any CUDA call and throw dash::Error; forward and backward take workspaces (16-byte
+// aligned) of the sizes below, never allocate, never synchronise:
+//   forward                     forward_workspace_bytes, or kept_workspace_bytes with keep_for_backward
+//   backward (recomputing)      backward_workspace_bytes = kept_workspace_bytes + backward_scratch_bytes
+//   backward (kept workspace)   the forward's kept workspace (read only) + backward_scratch_bytes
+// A kept workspace belongs to one forward call: the backward that reads it must be given the
+// same k, v, g, β, initial_state and eps (q, o and scale do not enter it); it may serve any
+// number of backward calls.
 //
 // Layouts: the bf16 tensors [B, T, heads, D] (q, k, v, o, d_o, dq, dk, dv) may have rows apart:
 // strides {batch, token, D, 1} with token ≥ heads·D and batch ≥ T·token, so that q, k and v can
@@ -53,6 +64,7 @@ struct Forward {
   TensorView<const float> initial_state;  // [B, Hs, D, D] or empty (zero)
   TensorView<float> final_state;          // [B, Hs, D, D] or empty
   float scale = 1.f, eps = 1e-6f;
+  bool keep_for_backward = false;  // leave the backward's inputs in the workspace (kept_workspace_bytes)
 };
 
 struct Backward {
@@ -94,13 +106,19 @@ inline void check_dims(const Dims& d, const char* where) {
           max_head_dim);
   require(d.B <= 65535 && d.H <= 65535, where, ": B = ", d.B, " and H = ", d.H, " must be at most 65535");
   require(d.T <= (index_t(1) << 30), where, ": T = ", d.T, ", expected at most 2^30");
+  const index_t output_blocks = d.B * d.H * ((d.T + chunk - 1) / chunk);
+  require(output_blocks <= index_t(0x7fffffff), where, ": B · H · ceil(T / ", chunk, ") = ", output_blocks,
+          ", expected at most 2^31 - 1");
 }
 
-// Byte offsets of the workspace buffers (params.cuh), each 256-byte aligned.
+// Byte offsets of the workspace buffers (params.cuh), each 256-byte aligned. The kept part
+// (g_cum … published, which a forward needs, then t_inv, which only the backward reads) comes
+// first; the backward's scratch (dw_local … d_states) is addressed from its own base, which a
+// recomputing backward places right after the kept part of its one buffer.
 struct WorkspaceLayout {
-  std::size_t g_cum = 0, k_inv = 0, k_hat = 0, w = 0, u = 0, v_new = 0, states = 0;
-  std::size_t t_inv = 0, dw_local = 0, y_local = 0, dw = 0, d_states = 0;
-  std::size_t forward_bytes = 0, backward_bytes = 0;
+  std::size_t g_cum = 0, k_inv = 0, k_hat = 0, w = 0, u = 0, v_new = 0, states = 0, published = 0, t_inv = 0;
+  std::size_t dw_local = 0, dw = 0, y_local = 0, d_states = 0, d_published = 0;  // from the scratch base
+  std::size_t forward_bytes = 0, kept_bytes = 0, scratch_bytes = 0;
 
   explicit WorkspaceLayout(const Dims& d) {
     const std::size_t Dp = std::size_t(padded_head_dim(d.D)), heads = std::size_t(d.B * d.Hs);
@@ -117,12 +135,17 @@ struct WorkspaceLayout {
     k_inv = take(rows * sizeof(float));
     k_hat = take(tile), w = take(tile), u = take(tile), v_new = take(tile);
     states = take(square);
+    published = take(heads * n_chunks * sizeof(unsigned));
     forward_bytes = at;
-    t_inv = take(heads * n_chunks * chunk * chunk * sizeof(float));
+    t_inv = take(heads * n_chunks * 2 * chunk * chunk * sizeof(bfloat16));
+    kept_bytes = at;
+    at = 0;
     dw_local = take(tile), dw = take(tile);
     y_local = take(square), d_states = take(square);
-    backward_bytes = at;
+    d_published = take(heads * n_chunks * sizeof(unsigned));
+    scratch_bytes = at;
   }
+  std::size_t backward_bytes() const { return kept_bytes + scratch_bytes; }
 };
 
 template <class T>
@@ -197,8 +220,10 @@ inline Params make_params(const Dims& d, float scale, float eps) {
   return p;
 }
 
-inline void carve(Params& p, const WorkspaceLayout& layout, void* workspace, bool backward) {
-  char* base = static_cast<char*>(workspace);
+// Points the workspace buffers of p into `kept` (the forward's part; t_inv only `with_t`) and,
+// when given, `scratch` (the backward's part).
+inline void carve(Params& p, const WorkspaceLayout& layout, void* kept, bool with_t, void* scratch) {
+  char* base = static_cast<char*>(kept);
   p.g_cum = reinterpret_cast<float*>(base + layout.g_cum);
   p.k_inv = reinterpret_cast<float*>(base + layout.k_inv);
   p.k_hat = reinterpret_cast<bfloat16*>(base + layout.k_hat);
@@ -206,12 +231,15 @@ inline void carve(Params& p, const WorkspaceLayout& layout, void* workspace, boo
   p.u = reinterpret_cast<bfloat16*>(base + layout.u);
   p.v_new = reinterpret_cast<bfloat16*>(base + layout.v_new);
   p.states = reinterpret_cast<bfloat16*>(base + layout.states);
-  if (backward) {
-    p.t_inv = reinterpret_cast<float*>(base + layout.t_inv);
-    p.dw_local = reinterpret_cast<bfloat16*>(base + layout.dw_local);
-    p.y_local = reinterpret_cast<bfloat16*>(base + layout.y_local);
-    p.dw = reinterpret_cast<bfloat16*>(base + layout.dw);
-    p.d_states = reinterpret_cast<bfloat16*>(base + layout.d_states);
+  p.published = reinterpret_cast<unsigned*>(base + layout.published);
+  if (with_t) p.t_inv = reinterpret_cast<bfloat16*>(base + layout.t_inv);
+  if (scratch) {
+    char* own = static_cast<char*>(scratch);
+    p.dw_local = reinterpret_cast<bfloat16*>(own + layout.dw_local);
+    p.y_local = reinterpret_cast<bfloat16*>(own + layout.y_local);
+    p.dw = reinterpret_cast<bfloat16*>(own + layout.dw);
+    p.d_states = reinterpret_cast<bfloat16*>(own + layout.d_states);
+    p.d_published = reinterpret_cast<unsigned*>(own + layout.d_published);
   }
 }
 
@@ -224,24 +252,47 @@ void launch(Kernel kernel, dim3 grid, int threads, std::size_t shared_bytes, cud
   check(cudaGetLastError(), what);
 }
 
-// The forward passes; with `keep_t` the prepare pass also writes (I + A)⁻¹ for the backward.
+// A launch that may start while the previous kernel on the stream still runs (programmatic
+// dependent launch): the kernel waits for what it needs itself (chunk_outputs on `published`,
+// chunk_gradients on `d_published`).
+template <class Kernel>
+void launch_overlapping(Kernel kernel, dim3 grid, int threads, std::size_t shared_bytes, cudaStream_t stream,
+                        const Params& p, const char* what) {
+  if (shared_bytes > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)), what);
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(unsigned(threads));
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &overlap;
+  config.numAttrs = 1;
+  check(cudaLaunchKernelEx(&config, kernel, p), what);
+}
+
+// The forward passes; prepare_chunks also writes T when p.t_inv is set; chunk_outputs only with
+// `outputs`, overlapping chunk_states: its blocks, chunk by chunk (the chunk is the slowest
+// index of its grid), start on a chunk as soon as chunk_states has published it.
 template <int Dp>
-void run_forward(const Params& p, bool keep_t, bool outputs, cudaStream_t stream) {
-  Params prep = p;
-  if (!keep_t) prep.t_inv = nullptr;
+void run_forward(const Params& p, bool outputs, cudaStream_t stream) {
   const dim3 chunks(unsigned(p.n_chunks), unsigned(p.Hs), unsigned(p.B));
-  launch(prepare_chunks<Dp>, chunks, 256, sizeof(PrepareShared<Dp>), stream, prep, "gdn prepare_chunks launch");
+  launch(prepare_chunks<Dp>, chunks, 256, sizeof(PrepareShared<Dp>), stream, p, "gdn prepare_chunks launch");
   using Seq = SequentialShape<Dp>;
   launch(chunk_states<Dp>, dim3(unsigned(Dp / Seq::bv), unsigned(p.Hs), unsigned(p.B)), Seq::threads,
          sizeof(StatesShared<Dp>), stream, p, "gdn chunk_states launch");
   if (outputs)
-    launch(chunk_outputs<Dp>, dim3(unsigned(p.n_chunks), unsigned(p.H), unsigned(p.B)), 256, sizeof(OutputShared<Dp>),
-           stream, p, "gdn chunk_outputs launch");
+    launch_overlapping(chunk_outputs<Dp>, dim3(unsigned(p.n_chunks * p.B * p.H)), 256, sizeof(OutputShared<Dp>),
+                       stream, p, "gdn chunk_outputs launch");
 }
 
+// The backward passes, after the forward's workspace is recomputed (`recompute`) or as kept;
+// chunk_gradients overlaps chunk_state_gradients as chunk_outputs overlaps chunk_states.
 template <int Dp>
-void run_backward(const Params& p, cudaStream_t stream) {
-  run_forward<Dp>(p, true, false, stream);
+void run_backward(const Params& p, bool recompute, cudaStream_t stream) {
+  if (recompute) run_forward<Dp>(p, false, stream);
   const dim3 chunks(unsigned(p.n_chunks), unsigned(p.Hs), unsigned(p.B));
   using Par = ParallelShape<Dp>;
   launch(chunk_local_gradients<Dp>, chunks, Par::threads, sizeof(LocalGradShared<Dp>), stream, p,
@@ -249,7 +300,8 @@ void run_backward(const Params& p, cudaStream_t stream) {
   using Seq = SequentialShape<Dp>;
   launch(chunk_state_gradients<Dp>, dim3(unsigned(Dp / Seq::bv), unsigned(p.Hs), unsigned(p.B)), Seq::threads,
          sizeof(StateGradShared<Dp>), stream, p, "gdn chunk_state_gradients launch");
-  launch(chunk_gradients<Dp>, chunks, Par::threads, sizeof(GradShared<Dp>), stream, p, "gdn chunk_gradients launch");
+  launch_overlapping(chunk_gradients<Dp>, dim3(unsigned(p.n_chunks * p.B * p.Hs)), Par::threads,
+                     sizeof(GradShared<Dp>), stream, p, "gdn chunk_gradients launch");
 }
 
 // The one dispatch point from the runtime head dimension to the compiled widths.
@@ -262,19 +314,58 @@ void with_padded_head_dim(index_t D, F&& f) {
   }
 }
 
+// The checks and parameters of a backward call, without the workspace.
+inline Params backward_params(const Backward& a, const std::string& where, Dims& d) {
+  d = check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, where);
+  check_optional_state(a.initial_state, d, where + ": initial_state");
+  check_raw_tensor(a.d_o, d, d.H, where + ": d_o");
+  check_optional_state(a.d_final_state, d, where + ": d_final_state");
+  check_raw_tensor(a.dq, d, d.H, where + ": dq");
+  check_raw_tensor(a.dk, d, d.Hs, where + ": dk");
+  check_raw_tensor(a.dv, d, d.Hs, where + ": dv");
+  check_device_tensor(a.dg, Shape{d.B, d.T, d.Hs}, where + ": dg");
+  check_device_tensor(a.dbeta, Shape{d.B, d.T, d.Hs}, where + ": dbeta");
+  check_optional_state(a.d_initial_state, d, where + ": d_initial_state");
+
+  Params p = make_params(d, a.scale, a.eps);
+  p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.g = a.g.data, p.beta = a.beta.data;
+  p.initial_state = a.initial_state.data, p.d_o = a.d_o.data, p.d_final_state = a.d_final_state.data;
+  p.dq = a.dq.data, p.dk = a.dk.data, p.dv = a.dv.data, p.dg = a.dg.data, p.dbeta = a.dbeta.data;
+  p.d_initial_state = a.d_initial_state.data;
+  p.q_rows = row_strides(a.q), p.k_rows = row_strides(a.k), p.v_rows = row_strides(a.v);
+  p.d_o_rows = row_strides(a.d_o), p.dq_rows = row_strides(a.dq);
+  p.dk_rows = row_strides(a.dk), p.dv_rows = row_strides(a.dv);
+  p.vector = rows_vectorizable(a.q) && rows_vectorizable(a.k) && rows_vectorizable(a.v) &&
+             rows_vectorizable(a.d_o) && rows_vectorizable(a.dq) && rows_vectorizable(a.dk) &&
+             rows_vectorizable(a.dv);
+  return p;
+}
+
 }  // namespace detail
 
+// Workspace of a forward call without keep_for_backward.
 inline std::size_t forward_workspace_bytes(const Dims& d) {
   detail::check_dims(d, "gdn::forward_workspace_bytes");
   return detail::WorkspaceLayout(d).forward_bytes;
 }
+// Workspace of a forward call with keep_for_backward: everything the backward reads of it.
+inline std::size_t kept_workspace_bytes(const Dims& d) {
+  detail::check_dims(d, "gdn::kept_workspace_bytes");
+  return detail::WorkspaceLayout(d).kept_bytes;
+}
+// Scratch of a backward call that reads a kept workspace.
+inline std::size_t backward_scratch_bytes(const Dims& d) {
+  detail::check_dims(d, "gdn::backward_scratch_bytes");
+  return detail::WorkspaceLayout(d).scratch_bytes;
+}
+// Workspace of a backward call that recomputes the forward's part.
 inline std::size_t backward_workspace_bytes(const Dims& d) {
   detail::check_dims(d, "gdn::backward_workspace_bytes");
-  return detail::WorkspaceLayout(d).backward_bytes;
+  return detail::WorkspaceLayout(d).backward_bytes();
 }
 inline std::size_t workspace_bytes(const Forward& a) {
-  return forward_workspace_bytes(
-      detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, "gdn::workspace_bytes(Forward)"));
+  const Dims d = detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, "gdn::workspace_bytes(Forward)");
+  return a.keep_for_backward ? kept_workspace_bytes(d) : forward_workspace_bytes(d);
 }
 inline std::size_t workspace_bytes(const Backward& a) {
   return backward_workspace_bytes(
@@ -288,7 +379,8 @@ inline void forward(const Forward& a, void* workspace, std::size_t workspace_byt
   detail::check_optional_state(a.initial_state, d, where + ": initial_state");
   detail::check_optional_state(a.final_state, d, where + ": final_state");
   const detail::WorkspaceLayout layout(d);
-  detail::check_workspace(workspace, workspace_bytes, layout.forward_bytes, where.c_str());
+  detail::check_workspace(workspace, workspace_bytes, a.keep_for_backward ? layout.kept_bytes : layout.forward_bytes,
+                          a.keep_for_backward ? "gdn::forward (keep_for_backward)" : where.c_str());
 
   detail::Params p = detail::make_params(d, a.scale, a.eps);
   p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.g = a.g.data, p.beta = a.beta.data, p.o = a.o.data;
@@ -297,38 +389,34 @@ inline void forward(const Forward& a, void* workspace, std::size_t workspace_byt
   p.o_rows = detail::row_strides(a.o);
   p.vector = detail::rows_vectorizable(a.q) && detail::rows_vectorizable(a.k) && detail::rows_vectorizable(a.v) &&
              detail::rows_vectorizable(a.o);
-  detail::carve(p, layout, workspace, false);
-  detail::with_padded_head_dim(d.D, [&]<int Dp>() { detail::run_forward<Dp>(p, false, true, stream); });
+  detail::carve(p, layout, workspace, a.keep_for_backward, nullptr);
+  detail::with_padded_head_dim(d.D, [&]<int Dp>() { detail::run_forward<Dp>(p, true, stream); });
 }
 
+// The backward, recomputing the forward's workspace in its own (backward_workspace_bytes).
 inline void backward(const Backward& a, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
   const std::string where = "gdn::backward";
-  const Dims d = detail::check_inputs(a.q, a.k, a.v, a.g, a.beta, a.scale, a.eps, where);
-  detail::check_optional_state(a.initial_state, d, where + ": initial_state");
-  detail::check_raw_tensor(a.d_o, d, d.H, where + ": d_o");
-  detail::check_optional_state(a.d_final_state, d, where + ": d_final_state");
-  detail::check_raw_tensor(a.dq, d, d.H, where + ": dq");
-  detail::check_raw_tensor(a.dk, d, d.Hs, where + ": dk");
-  detail::check_raw_tensor(a.dv, d, d.Hs, where + ": dv");
-  detail::check_device_tensor(a.dg, Shape{d.B, d.T, d.Hs}, where + ": dg");
-  detail::check_device_tensor(a.dbeta, Shape{d.B, d.T, d.Hs}, where + ": dbeta");
-  detail::check_optional_state(a.d_initial_state, d, where + ": d_initial_state");
+  Dims d;
+  detail::Params p = detail::backward_params(a, where, d);
   const detail::WorkspaceLayout layout(d);
-  detail::check_workspace(workspace, workspace_bytes, layout.backward_bytes, where.c_str());
+  detail::check_workspace(workspace, workspace_bytes, layout.backward_bytes(), where.c_str());
+  detail::carve(p, layout, workspace, true, static_cast<char*>(workspace) + layout.kept_bytes);
+  detail::with_padded_head_dim(d.D, [&]<int Dp>() { detail::run_backward<Dp>(p, true, stream); });
+}
 
-  detail::Params p = detail::make_params(d, a.scale, a.eps);
-  p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.g = a.g.data, p.beta = a.beta.data;
-  p.initial_state = a.initial_state.data, p.d_o = a.d_o.data, p.d_final_state = a.d_final_state.data;
-  p.dq = a.dq.data, p.dk = a.dk.data, p.dv = a.dv.data, p.dg = a.dg.data, p.dbeta = a.dbeta.data;
-  p.d_initial_state = a.d_initial_state.data;
-  p.q_rows = detail::row_strides(a.q), p.k_rows = detail::row_strides(a.k), p.v_rows = detail::row_strides(a.v);
-  p.d_o_rows = detail::row_strides(a.d_o), p.dq_rows = detail::row_strides(a.dq);
-  p.dk_rows = detail::row_strides(a.dk), p.dv_rows = detail::row_strides(a.dv);
-  p.vector = detail::rows_vectorizable(a.q) && detail::rows_vectorizable(a.k) && detail::rows_vectorizable(a.v) &&
-             detail::rows_vectorizable(a.d_o) && detail::rows_vectorizable(a.dq) && detail::rows_vectorizable(a.dk) &&
-             detail::rows_vectorizable(a.dv);
-  detail::carve(p, layout, workspace, true);
-  detail::with_padded_head_dim(d.D, [&]<int Dp>() { detail::run_backward<Dp>(p, stream); });
+// The backward from the workspace of a forward run with keep_for_backward on the same k, v, g,
+// β, initial_state and eps (read only here), with its own scratch (backward_scratch_bytes).
+inline void backward(const Backward& a, const void* kept, std::size_t kept_bytes, void* scratch,
+                     std::size_t scratch_bytes, cudaStream_t stream) {
+  const std::string where = "gdn::backward (kept workspace)";
+  Dims d;
+  detail::Params p = detail::backward_params(a, where, d);
+  const detail::WorkspaceLayout layout(d);
+  detail::check_workspace(const_cast<void*>(kept), kept_bytes, layout.kept_bytes, (where + ": kept").c_str());
+  detail::check_workspace(scratch, scratch_bytes, layout.scratch_bytes, (where + ": scratch").c_str());
+  // The kept buffers are only read by the backward passes; Params holds them writable for the forward's.
+  detail::carve(p, layout, const_cast<void*>(kept), true, scratch);
+  detail::with_padded_head_dim(d.D, [&]<int Dp>() { detail::run_backward<Dp>(p, false, stream); });
 }
 
 inline void decode(const Decode& a, cudaStream_t stream) {

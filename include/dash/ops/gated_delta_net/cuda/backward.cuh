@@ -1,6 +1,7 @@
 // Backward kernels of the chunked gated delta rule (math: gated_delta_net/eigen.hpp, notation of
-// forward.cuh). The backward recomputes the forward's workspace (prepare_chunks with T kept,
-// chunk_states), then, with dS the gradient of a chunk's end state:
+// forward.cuh). The backward reads the forward's workspace as a forward with keep_for_backward
+// left it, or recomputes it (prepare_chunks with T kept, chunk_states), then, with dS the
+// gradient of a chunk's end state:
 //
 //   chunk_local_gradients (every chunk at once, per state head, summing its query heads h):
 //     dW_local = scale Σ_h (M ∘ Q̂_h K̂ᵀ)ᵀ dO_h,      Y = scale Σ_h Q̂_hᵀ diag(γ) dO_h
@@ -19,8 +20,12 @@
 //          E = M ∘ (Σ_h dP_h ∘ Q̂_h K̂ᵀ + diag(β) (dA ∘ K̂K̂ᵀ))
 //   (rows of K̂S0 and Q̂S0 are never formed: (X S0)_i·Y_i = X_i·(Y S0ᵀ)_i), and through the
 //   normalisation x̂ = x r, r = 1 / sqrt(‖x‖² + ε):  dx = r (dx̂ − x̂ (x̂·dx̂)).
+// chunk_gradients is launched to overlap chunk_state_gradients: it runs chunks last to first
+// (the chunk is the slowest index of its grid) and waits for each chunk's dS and dW to be
+// published (params.cuh), as chunk_outputs does in the forward.
 // The first term of dg is summed as in the reference: row prefix sums of E, then for each l the
-// column l of them over rows i ≥ l, rather than as differences of large cumulative sums.
+// column l of them over rows i ≥ l, rather than as differences of large cumulative sums; the
+// other two are a suffix and a prefix scan over the chunk.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,8 +47,14 @@ struct ParallelShape {
   static constexpr int threads = 32 * warps;
 };
 
+// chunk_local_gradients fits three blocks per SM at Dp ≤ 64 (46 KB of shared memory each) once
+// its registers are held to 85 per thread.
+template <int Dp>
+inline constexpr int local_gradient_blocks_per_sm = Dp <= 64 ? 3 : 1;
+
 // ---------------------------------------------------------------------------------------------
-// chunk_local_gradients: grid (n_chunks, Hs, B), ParallelShape<Dp>::threads threads.
+// chunk_local_gradients: grid (n_chunks, Hs, B), ParallelShape<Dp>::threads threads. Also
+// zeroes the chunk's d_published counter.
 template <int Dp>
 struct LocalGradShared {
   alignas(16) bfloat16 k[chunk * pitch(Dp)];
@@ -55,7 +66,8 @@ struct LocalGradShared {
 };
 
 template <int Dp>
-__global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_local_gradients(const Params p) {
+__global__ void __launch_bounds__(ParallelShape<Dp>::threads, local_gradient_blocks_per_sm<Dp>)
+    chunk_local_gradients(const Params p) {
   constexpr int threads = ParallelShape<Dp>::threads, warps = ParallelShape<Dp>::warps;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   auto& sm = *reinterpret_cast<LocalGradShared<Dp>*>(shared_bytes);
@@ -69,6 +81,8 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_local_gradie
   if (threadIdx.x < chunk / 4)
     ptx::cp_async_16(ptx::shared_address(&sm.g2[threadIdx.x * 4]), p.g_cum + row0 + threadIdx.x * 4);
   ptx::cp_async_commit();
+  // chunk_state_gradients (next on the stream) counts from here.
+  if (threadIdx.x == 0) p.d_published[head * p.n_chunks + c] = 0;
 
   Fragments<chunk, Dp, warps> dw;
   Fragments<Dp, Dp, warps> y;
@@ -104,8 +118,8 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_local_gradie
 
 // ---------------------------------------------------------------------------------------------
 // chunk_state_gradients: grid (Dp / bv, Hs, B). dS (Dp × bv, fp32) lives in registers; per
-// chunk, last to first: checkpoint dS (bf16), dW, dS ← γ_n dS + Y − wᵀ dW. Tiles are fetched
-// `stages − 1` chunks ahead.
+// chunk, last to first: checkpoint dS (bf16), dW, dS ← γ_n dS + Y − wᵀ dW, publish the chunk
+// (the first one after d_initial_state). Tiles are fetched `stages − 1` chunks ahead.
 template <int Dp>
 struct StateGradShared {
   static constexpr int bv = SequentialShape<Dp>::bv, stages = SequentialShape<Dp>::stages;
@@ -127,6 +141,7 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_state_grad
   auto& sm = *reinterpret_cast<StateGradShared<Dp>*>(shared_bytes);
   const int v0 = blockIdx.x * bv, s = blockIdx.y, b = blockIdx.z;
   const std::int64_t head = std::int64_t(b) * p.Hs + s;
+  allow_dependent_launch();
 
   // Step `step` handles chunk n_chunks − 1 − step; one commit group per step.
   const auto fetch = [&](int step) {
@@ -177,6 +192,7 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_state_grad
     dS.for_each([&](int i, int j, float& x) { x = decay * x + __bfloat162float(y[i * pitch(bv) + j]); });
     mma_tile<chunk, Layout::col_major, Layout::row_major>(dS, sm.w[buf], pitch(Dp), sm.dw_negated, pitch(bv));
     __syncthreads();
+    if (threadIdx.x == 0 && c > 0) publish(p.d_published + head * p.n_chunks + c);
   }
   if (p.d_initial_state) {
     float* out = p.d_initial_state + head * p.D * p.D;
@@ -184,31 +200,40 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_state_grad
       if (i < p.D && v0 + j < p.D) out[i * p.D + v0 + j] = x;
     });
   }
+  __syncthreads();
+  if (threadIdx.x == 0) publish(p.d_published + head * p.n_chunks);
 }
 
 // ---------------------------------------------------------------------------------------------
-// chunk_gradients: grid (n_chunks, Hs, B), ParallelShape<Dp>::threads threads. Four shared
+// chunk_gradients: grid (n_chunks · B · Hs), chunks last to first and slowest,
+// ParallelShape<Dp>::threads threads, launched to overlap chunk_state_gradients. Four shared
 // regions are reused across the phases (see the comments at each use). Row sums over products
 // come as `parts` partial sums per row (one per warp column), added in a fixed order.
 template <int Dp>
 struct GradShared {
   static constexpr int tile = chunk * pitch(Dp), square = Dp * pitch(Dp);
-  static constexpr int region_bytes_raw = [] {
-    int bytes = tile * 2;
-    if (chunk * square_pitch * 4 > bytes) bytes = chunk * square_pitch * 4;
-    if (2 * chunk * pitch(chunk) * 2 > bytes) bytes = 2 * chunk * pitch(chunk) * 2;
-    return bytes;
-  }();
-  static constexpr int region_bytes = (region_bytes_raw + 15) / 16 * 16;
+  static constexpr int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+  // Region 3 holds bf16 chunk × Dp tiles; region 0 also bf16 chunk × chunk ones, region 1 the
+  // fp32 dKk, region 2 T (hi | lo) and the fp32 M ∘ K̂K̂ᵀ. Sized apart, they keep the block
+  // under half an SM's shared memory at Dp ≤ 64, so that two blocks (16 warps) share an SM.
+  static constexpr int tile_bytes = tile * 2, bf16_square_bytes = chunk * pitch(chunk) * 2;
+  static constexpr int f32_square_bytes = chunk * square_pitch * 4;
+  static constexpr int region_bytes[4] = {max3(tile_bytes, bf16_square_bytes, 0),
+                                          max3(tile_bytes, f32_square_bytes, 0),
+                                          max3(tile_bytes, f32_square_bytes, 2 * bf16_square_bytes), tile_bytes};
 
   alignas(16) bfloat16 k[tile];      // K̂
   alignas(16) bfloat16 w[tile];      // W
   alignas(16) bfloat16 s0[square];   // S0
   alignas(16) bfloat16 ds[square];   // dS
   alignas(16) float e[chunk * square_pitch];  // E, then its row prefix sums
-  alignas(16) unsigned char region[4][region_bytes];
+  alignas(16) unsigned char region0[region_bytes[0]];
+  alignas(16) unsigned char region1[region_bytes[1]];
+  alignas(16) unsigned char region2[region_bytes[2]];
+  alignas(16) unsigned char region3[region_bytes[3]];
   float g2[chunk], beta[chunk], gamma[chunk], decay_to_end[chunk], k_inv[chunk], q_inv[chunk];
   float dgam[chunk], dgam_total[chunk];
+  float dg_cover[chunk], dg_after[chunk], dg_before[chunk];  // the three sums of dg
   static constexpr int parts = Fragments<chunk, Dp, ParallelShape<Dp>::warps>::warps_n;
   static_assert(parts == Fragments<chunk, chunk, ParallelShape<Dp>::warps>::warps_n, "row partials line up");
   float z[parts * chunk], y[parts * chunk], dd[parts * chunk], dbeta[parts * chunk], dot[parts * chunk];
@@ -224,7 +249,8 @@ struct GradShared {
 
   template <class T>
   __device__ T* at(int r) {
-    return reinterpret_cast<T*>(region[r]);
+    unsigned char* regions[4] = {region0, region1, region2, region3};
+    return reinterpret_cast<T*>(regions[r]);
   }
 };
 
@@ -234,16 +260,19 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
   using Rows = Fragments<chunk, Dp, warps>;
   using Square = Fragments<chunk, chunk, warps>;
   using Shared = GradShared<Dp>;
+  static_assert(threads >= 4 * chunk, "four lanes per column of E");
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   auto& sm = *reinterpret_cast<Shared*>(shared_bytes);
-  const int c = blockIdx.x, s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int s = int(blockIdx.x % unsigned(p.Hs)), b = int(blockIdx.x / unsigned(p.Hs) % unsigned(p.B));
+  const int c = p.n_chunks - 1 - int(blockIdx.x / unsigned(p.Hs * p.B)), tid = threadIdx.x;
   const int t0 = c * chunk, n = min(chunk, p.T - t0);
   const std::int64_t head = std::int64_t(b) * p.Hs + s, row0 = head * p.padded_T + t0;
   const std::int64_t checkpoint = (head * p.n_chunks + c) * Dp * Dp;
 
   // Phase 0: loads. Regions: 0 = V, 1 = dW, 2 = T (hi | lo), 3 = dR (written in phase 1).
-  // T enters dR = Tᵀ dW as a bf16 pair (hi + lo), at fp32 accuracy: dR feeds every gradient of
-  // the chunk, and T's entries grow large when keys are nearly parallel with β near 1.
+  // T enters dR = Tᵀ dW as a bf16 pair (hi + lo, as prepare_chunks wrote it), at 16 bits: dR
+  // feeds every gradient of the chunk, and T's entries grow large when keys are nearly parallel
+  // with β near 1.
   bfloat16* v = sm.template at<bfloat16>(0);
   bfloat16* dW = sm.template at<bfloat16>(1);
   bfloat16* t_hi = sm.template at<bfloat16>(2);
@@ -251,10 +280,13 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
   bfloat16* dR = sm.template at<bfloat16>(3);
   load_tile_async<chunk, Dp, threads>(sm.k, p.k_hat + row0 * Dp, Dp);
   load_tile_async<chunk, Dp, threads>(sm.w, p.v_new + row0 * Dp, Dp);
-  load_tile_async<chunk, Dp, threads>(dW, p.dw + row0 * Dp, Dp);
   load_tile_async<Dp, Dp, threads>(sm.s0, p.states + checkpoint, Dp);
-  load_tile_async<Dp, Dp, threads>(sm.ds, p.d_states + checkpoint, Dp);
   load_rows<chunk, Dp, threads>(v, p.v + raw_offset(p.v_rows, b, t0, s, p.D), p.v_rows.token, 0, n, p.D, p.vector);
+  {
+    const bfloat16* t = p.t_inv + (head * p.n_chunks + c) * 2 * chunk * chunk;
+    load_tile_async<chunk, chunk, threads>(t_hi, t, chunk);
+    load_tile_async<chunk, chunk, threads>(t_lo, t + chunk * chunk, chunk);
+  }
   ptx::cp_async_commit();
   if (tid < chunk) {
     sm.g2[tid] = p.g_cum[row0 + tid];
@@ -262,15 +294,12 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
     sm.beta[tid] = tid < n ? p.beta[(std::int64_t(b) * p.T + t0 + tid) * p.Hs + s] : 0.f;
     sm.dgam[tid] = 0.f;
   }
-  {
-    const float* t = p.t_inv + (head * p.n_chunks + c) * chunk * chunk;
-    for (int e = tid; e < chunk * chunk; e += threads) {
-      const float x = t[e];
-      const bfloat16 hi = __float2bfloat16(x);
-      const int at = (e / chunk) * pitch(chunk) + e % chunk;
-      t_hi[at] = hi, t_lo[at] = __float2bfloat16(x - __bfloat162float(hi));
-    }
-  }
+  // dW and dS come from chunk_state_gradients, still running: wait for the chunk's.
+  if (tid == 0) wait_published(p.d_published + head * p.n_chunks + c, unsigned(Dp / SequentialShape<Dp>::bv));
+  __syncthreads();
+  load_tile_async<chunk, Dp, threads>(dW, p.dw + row0 * Dp, Dp);
+  load_tile_async<Dp, Dp, threads>(sm.ds, p.d_states + checkpoint, Dp);
+  ptx::cp_async_commit();
   ptx::cp_async_wait<0>();
   __syncthreads();
   if (tid < chunk) {
@@ -417,6 +446,19 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
   dk.store(dk_stage, pitch(Dp), [&](int i, int j, float x) {
     return sm.k_inv[i] * (x - __bfloat162float(sm.k[i * pitch(Dp) + j]) * Shared::total(sm.dot, i));
   });
+  {
+    // Σ_{i≥l} of column l of the prefix sums: four lanes per column, a quarter of the rows each,
+    // combined by two shuffles (in a fixed order).
+    constexpr int quarter_rows = chunk / 4;
+    const int l = (tid / 4) % chunk, quarter = tid % 4;
+    float cover = 0.f;
+    if (tid < 4 * chunk)
+      for (int i = max(l, quarter * quarter_rows); i < (quarter + 1) * quarter_rows; ++i)
+        cover += sm.e[i * square_pitch + l];
+    cover += __shfl_xor_sync(0xffffffffu, cover, 1);
+    cover += __shfl_xor_sync(0xffffffffu, cover, 2);
+    if (tid < 4 * chunk && quarter == 0) sm.dg_cover[l] = cover;
+  }
   if (tid < chunk) {
     const int i = tid;
     float state_dot = 0.f;
@@ -427,14 +469,33 @@ __global__ void __launch_bounds__(ParallelShape<Dp>::threads) chunk_gradients(co
   __syncthreads();
   store_rows<chunk, Dp, threads>(p.dk + raw_offset(p.dk_rows, b, t0, s, p.D), p.dk_rows.token, n, p.D, dk_stage,
                                  p.vector);
+  if (tid < 64) {
+    // Warp 0: the suffix sums Σ_{i≥l} dγ_i γ_i (scanning from the chunk's end); warp 1: the
+    // exclusive prefix sums Σ_{j<l} dd_j d_j. Two entries per lane.
+    const int lane = tid % 32;
+    const bool suffix = tid < 32;
+    const int i0 = suffix ? chunk - 1 - 2 * lane : 2 * lane, i1 = suffix ? i0 - 1 : i0 + 1;
+    const float x0 = suffix ? sm.dgam_total[i0] * sm.gamma[i0] : Shared::total(sm.dd, i0) * sm.decay_to_end[i0];
+    const float x1 = suffix ? sm.dgam_total[i1] * sm.gamma[i1] : Shared::total(sm.dd, i1) * sm.decay_to_end[i1];
+    float run = x0 + x1;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const float other = __shfl_up_sync(0xffffffffu, run, offset);
+      if (lane >= offset) run += other;
+    }
+    float before = __shfl_up_sync(0xffffffffu, run, 1);
+    if (lane == 0) before = 0.f;
+    if (suffix) {
+      sm.dg_after[i0] = before + x0, sm.dg_after[i1] = run;
+    } else {
+      sm.dg_before[i0] = before, sm.dg_before[i1] = before + x0;
+    }
+  }
+  __syncthreads();
   if (tid < n) {
     const int l = tid;
-    float cover = 0.f, after = 0.f, before = 0.f;
-    for (int i = l; i < chunk; ++i) cover += sm.e[i * square_pitch + l];
-    for (int i = l; i < chunk; ++i) after += sm.dgam_total[i] * sm.gamma[i];
-    for (int j = 0; j < l; ++j) before += Shared::total(sm.dd, j) * sm.decay_to_end[j];
     const std::int64_t at = (std::int64_t(b) * p.T + t0 + l) * p.Hs + s;
-    p.dg[at] = cover + after + before;
+    p.dg[at] = sm.dg_cover[l] + sm.dg_after[l] + sm.dg_before[l];
     const float y = Shared::total(sm.y, l), z = Shared::total(sm.z, l);
     p.dbeta[at] = Shared::total(sm.dbeta, l) + z - sm.gamma[l] * y;
   }

@@ -10,12 +10,17 @@
 // Three passes: prepare_chunks (every chunk at once: normalisation, A, T, u and w), chunk_states
 // (the one sequential pass, per state head and block of state columns: W and the checkpoints,
 // with the state in fp32 registers) and chunk_outputs (every chunk and query head at once).
+// chunk_outputs is launched to overlap chunk_states: chunk_states publishes each chunk (a
+// counter per state head and chunk, raised once the checkpoint and W are written and fenced)
+// and an output block waits for its chunk's counter before it reads them, so that the outputs
+// of the first chunks are computed while the sequential pass walks the later ones.
 // Decays are handled in log2 units (G₂ = G / ln 2) so that each factor is one exp2.
 // T is formed by a blocked solve in fp32: each 16×16 diagonal block by forward substitution,
 // then the blocks below, T_ij = −T_ii Σ_{j≤m<i} A_im T_mj, by distance from the diagonal. T diag(β)
 // and T diag(βγ) enter the products for u and w rounded to bf16, like every other operand.
 // prepare_chunks keeps its shared memory under a third of an SM's (A and the solve's scratch
-// give way to those two bf16 matrices), so that three chunks are in flight per SM.
+// give way to those two bf16 matrices), so that three chunks are in flight per SM, four at
+// Dp ≤ 64.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -29,14 +34,40 @@ namespace dash::cuda::gdn::detail {
 
 inline constexpr float log2_e = 1.4426950408889634f;
 
+// Lets the kernel launched after this one on the stream start (programmatic dependent launch).
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
+// Called by one thread after a barrier behind the block's writes: makes them visible to the
+// whole device, then counts the block in.
+__device__ __forceinline__ void publish(unsigned* counter) {
+  __threadfence();
+  atomicAdd(counter, 1u);
+}
+
+// Called by one thread, followed by a barrier: returns once `counter` has reached `count`.
+__device__ __forceinline__ void wait_published(const unsigned* counter, unsigned count) {
+  for (;;) {
+    unsigned seen;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    if (seen >= count) return;
+    __nanosleep(100);
+  }
+}
+
 // Widths of the sequential passes: a block owns `bv` columns of the Dp × Dp state and keeps
-// `stages` chunks of tiles in shared memory (the current one and those being fetched).
+// `stages` chunks of tiles in shared memory (the current one and those being fetched). Their
+// time is the chain of per-chunk steps of one block, so every block must be resident at once:
+// at Dp = 64 a block owns the whole state (no tile is fetched twice) and two stages keep both
+// passes under half an SM's shared memory, so that 2 × SMs state heads (B · Hs = 144 at the
+// SmolLM2 shape) run at once.
 template <int Dp>
 struct SequentialShape {
-  static constexpr int bv = Dp == 128 ? 64 : 32;
-  static constexpr int warps = Dp == 128 ? 8 : 4;
+  static constexpr int bv = Dp == 32 ? 32 : 64;
+  static constexpr int warps = Dp == 32 ? 4 : 8;
   static constexpr int threads = 32 * warps;
-  static constexpr int stages = 3;
+  static constexpr int stages = Dp == 64 ? 2 : 3;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -67,29 +98,40 @@ __device__ __forceinline__ void invert_unit_lower(const float* a, float* t, floa
     for (int r = 0; r < block; ++r) t_block[r * ld + lane] = column[r];
   }
   __syncthreads();
+  // The blocks below the diagonal, each 16 × 16 by 64 threads holding 2 × 2 entries (rows r, r + 8,
+  // columns c, c + 8): a shared operand read serves two products.
   for (int distance = 1; distance < blocks; ++distance) {
     const int count = blocks - distance;  // the blocks (i, j = i − distance), i = distance…3
-    for (int e = tid; e < count * block * block; e += Threads) {
-      const int n = e / (block * block), r = (e / block) % block, c = e % block;
+    for (int e = tid; e < count * 64; e += Threads) {
+      const int n = e / 64, r = (e % 64) / 8, c = e % 8;
       const int i = distance + n, j = i - distance;
-      float sum = 0.f;
+      float sum[2][2] = {};
       for (int m_block = j; m_block < i; ++m_block) {
         const float* a_row = a + (i * block + r) * ld + m_block * block;
         const float* t_col = t + m_block * block * ld + j * block + c;
 #pragma unroll
-        for (int m = 0; m < block; ++m) sum += a_row[m] * t_col[m * ld];
+        for (int m = 0; m < block; ++m) {
+          const float a0 = a_row[m], a1 = a_row[8 * ld + m], t0 = t_col[m * ld], t1 = t_col[m * ld + 8];
+          sum[0][0] += a0 * t0, sum[0][1] += a0 * t1, sum[1][0] += a1 * t0, sum[1][1] += a1 * t1;
+        }
       }
-      scratch[n * block * sp + r * sp + c] = sum;
+      float* out = scratch + n * block * sp + r * sp + c;
+      out[0] = sum[0][0], out[8] = sum[0][1], out[8 * sp] = sum[1][0], out[8 * sp + 8] = sum[1][1];
     }
     __syncthreads();
-    for (int e = tid; e < count * block * block; e += Threads) {
-      const int n = e / (block * block), r = (e / block) % block, c = e % block;
+    for (int e = tid; e < count * 64; e += Threads) {
+      const int n = e / 64, r = (e % 64) / 8, c = e % 8;
       const int i = distance + n, j = i - distance;
       const float* t_row = t + (i * block + r) * ld + i * block;  // T_ii is zero above its diagonal
-      float sum = 0.f;
+      const float* x = scratch + n * block * sp + c;
+      float sum[2][2] = {};
 #pragma unroll
-      for (int m = 0; m < block; ++m) sum += t_row[m] * scratch[n * block * sp + m * sp + c];
-      t[(i * block + r) * ld + j * block + c] = -sum;
+      for (int m = 0; m < block; ++m) {
+        const float t0 = t_row[m], t1 = t_row[8 * ld + m], x0 = x[m * sp], x1 = x[m * sp + 8];
+        sum[0][0] += t0 * x0, sum[0][1] += t0 * x1, sum[1][0] += t1 * x0, sum[1][1] += t1 * x1;
+      }
+      float* out = t + (i * block + r) * ld + j * block + c;
+      out[0] = -sum[0][0], out[8] = -sum[0][1], out[8 * ld] = -sum[1][0], out[8 * ld + 8] = -sum[1][1];
     }
     __syncthreads();
   }
@@ -97,7 +139,8 @@ __device__ __forceinline__ void invert_unit_lower(const float* a, float* t, floa
 
 // ---------------------------------------------------------------------------------------------
 // prepare_chunks: grid (n_chunks, Hs, B), 256 threads. Normalises the chunk's keys, writes
-// k_hat, k_inv, g_cum, w, u, and (when p.t_inv) T.
+// k_hat, k_inv, g_cum, w, u, and (when p.t_inv) T as a bf16 pair hi | lo; zeroes the chunk's
+// published counter.
 template <int Dp>
 struct PrepareShared {
   static constexpr int solve_bytes = (chunk * square_pitch + 3 * 16 * 17) * 4;
@@ -116,7 +159,7 @@ struct PrepareShared {
 };
 
 template <int Dp>
-__global__ void __launch_bounds__(256, 3) prepare_chunks(const Params p) {
+__global__ void __launch_bounds__(256, Dp <= 64 ? 4 : 3) prepare_chunks(const Params p) {
   constexpr int threads = 256, warps = 8;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   auto& sm = *reinterpret_cast<PrepareShared<Dp>*>(shared_bytes);
@@ -156,6 +199,7 @@ __global__ void __launch_bounds__(256, 3) prepare_chunks(const Params p) {
     p.g_cum[row0 + tid] = sm.g2[tid];
     p.k_inv[row0 + tid] = sm.k_inv[tid];
   }
+  if (tid == 0) p.published[head * p.n_chunks + c] = 0;  // chunk_states (next on the stream) counts from here
   store_tile<chunk, Dp, threads>(p.k_hat + row0 * Dp, Dp, sm.k);
   {
     Fragments<chunk, chunk, warps> kk;
@@ -168,8 +212,15 @@ __global__ void __launch_bounds__(256, 3) prepare_chunks(const Params p) {
   __syncthreads();
   invert_unit_lower<threads>(sm.a(), sm.t, sm.scratch());
   if (p.t_inv) {
-    float* dst = p.t_inv + (head * p.n_chunks + c) * chunk * chunk;
-    for (int e = tid; e < chunk * chunk; e += threads) dst[e] = sm.t[(e / chunk) * square_pitch + e % chunk];
+    // hi = bf16(T), lo = bf16(T − hi): the backward's products with T then keep 16 bits of it.
+    __nv_bfloat162* hi = reinterpret_cast<__nv_bfloat162*>(p.t_inv + (head * p.n_chunks + c) * 2 * chunk * chunk);
+    __nv_bfloat162* lo = hi + chunk * chunk / 2;
+    for (int e = tid; e < chunk * chunk / 2; e += threads) {
+      const float* x = sm.t + (2 * e / chunk) * square_pitch + 2 * e % chunk;
+      const __nv_bfloat162 h = __floats2bfloat162_rn(x[0], x[1]);
+      hi[e] = h;
+      lo[e] = __floats2bfloat162_rn(x[0] - __low2float(h), x[1] - __high2float(h));
+    }
   }
   // T diag(β) and T diag(βγ) in bf16, over A and the scratch (the solve ended with a barrier).
   bfloat16* tu = sm.tu();
@@ -199,8 +250,9 @@ __global__ void __launch_bounds__(256, 3) prepare_chunks(const Params p) {
 
 // ---------------------------------------------------------------------------------------------
 // chunk_states: grid (Dp / bv, Hs, B). The state block S (Dp × bv, fp32) lives in registers;
-// per chunk: checkpoint S (bf16), W = u − w S, S ← γ_n S + K̂ᵀ diag(d) W. The tiles of the next
-// `stages − 1` chunks are in flight while the current one is processed.
+// per chunk: checkpoint S (bf16), W = u − w S, S ← γ_n S + K̂ᵀ diag(d) W, publish the chunk (the
+// last one after the final state). The tiles of the next `stages − 1` chunks are in flight
+// while the current one is processed.
 template <int Dp>
 struct StatesShared {
   static constexpr int bv = SequentialShape<Dp>::bv, stages = SequentialShape<Dp>::stages;
@@ -221,6 +273,7 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_states(con
   auto& sm = *reinterpret_cast<StatesShared<Dp>*>(shared_bytes);
   const int v0 = blockIdx.x * bv, s = blockIdx.y, b = blockIdx.z;
   const std::int64_t head = std::int64_t(b) * p.Hs + s;
+  allow_dependent_launch();
 
   // Issues chunk c's tiles (when it exists) as one commit group, so that groups and chunks
   // stay in step.
@@ -267,6 +320,7 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_states(con
     S.for_each([&](int, int, float& x) { x *= decay; });
     mma_tile<chunk, Layout::col_major, Layout::row_major>(S, sm.k[buf], pitch(Dp), sm.w_decayed, pitch(bv));
     __syncthreads();
+    if (threadIdx.x == 0 && c + 1 < p.n_chunks) publish(p.published + head * p.n_chunks + c);
   }
   if (p.final_state) {
     float* out = p.final_state + head * p.D * p.D;
@@ -274,10 +328,14 @@ __global__ void __launch_bounds__(SequentialShape<Dp>::threads) chunk_states(con
       if (i < p.D && v0 + j < p.D) out[i * p.D + v0 + j] = x;
     });
   }
+  __syncthreads();
+  if (threadIdx.x == 0) publish(p.published + head * p.n_chunks + p.n_chunks - 1);
 }
 
 // ---------------------------------------------------------------------------------------------
-// chunk_outputs: grid (n_chunks, H, B), 256 threads. O = scale (diag(γ) Q̂ S0 + (M ∘ Q̂K̂ᵀ) W).
+// chunk_outputs: grid (n_chunks · B · H), chunk slowest, 256 threads, launched to overlap
+// chunk_states. O = scale (diag(γ) Q̂ S0 + (M ∘ Q̂K̂ᵀ) W); Q̂, K̂ and γ are loaded while the
+// chunk's S0 and W may still be on their way.
 template <int Dp>
 struct OutputShared {
   alignas(16) bfloat16 q[chunk * pitch(Dp)];
@@ -293,17 +351,21 @@ __global__ void __launch_bounds__(256) chunk_outputs(const Params p) {
   constexpr int threads = 256, warps = 8;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   auto& sm = *reinterpret_cast<OutputShared<Dp>*>(shared_bytes);
-  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int h = int(blockIdx.x % unsigned(p.H)), b = int(blockIdx.x / unsigned(p.H) % unsigned(p.B));
+  const int c = int(blockIdx.x / unsigned(p.H * p.B));
   const int t0 = c * chunk, n = min(chunk, p.T - t0);
   const std::int64_t head = std::int64_t(b) * p.Hs + h / p.group, row0 = head * p.padded_T + t0;
 
   load_rows<chunk, Dp, threads>(sm.q, p.q + raw_offset(p.q_rows, b, t0, h, p.D), p.q_rows.token, 0, n, p.D,
                                 p.vector);
   load_tile_async<chunk, Dp, threads>(sm.k, p.k_hat + row0 * Dp, Dp);
-  load_tile_async<chunk, Dp, threads>(sm.w, p.v_new + row0 * Dp, Dp);
-  load_tile_async<Dp, Dp, threads>(sm.s, p.states + (head * p.n_chunks + c) * Dp * Dp, Dp);
   if (threadIdx.x < chunk / 4)
     ptx::cp_async_16(ptx::shared_address(&sm.g2[threadIdx.x * 4]), p.g_cum + row0 + threadIdx.x * 4);
+  ptx::cp_async_commit();
+  if (threadIdx.x == 0) wait_published(p.published + head * p.n_chunks + c, unsigned(Dp / SequentialShape<Dp>::bv));
+  __syncthreads();
+  load_tile_async<chunk, Dp, threads>(sm.w, p.v_new + row0 * Dp, Dp);
+  load_tile_async<Dp, Dp, threads>(sm.s, p.states + (head * p.n_chunks + c) * Dp * Dp, Dp);
   ptx::cp_async_commit();
   ptx::cp_async_wait<0>();
   __syncthreads();

@@ -14,12 +14,17 @@
 //   w, u      bf16 [B, Hs, Tp, Dp]      W = u − w S0 per chunk (see forward.cuh)
 //   v_new     bf16 [B, Hs, Tp, Dp]      W of every chunk
 //   states    bf16 [B, Hs, n_chunks, Dp, Dp]   the state at every chunk's start
-// and for the backward:
-//   t_inv     fp32 [B, Hs, n_chunks, 64, 64]   (I + A)⁻¹ per chunk
+//   published u32  [B, Hs, n_chunks]   how many column blocks of chunk_states have written the
+//                                      chunk's checkpoint and W (chunk_outputs waits for all)
+//   t_inv     bf16 [B, Hs, n_chunks, 2, 64, 64]   T = (I + A)⁻¹ per chunk as hi = bf16(T) and
+//                                               lo = bf16(T − hi) (only for the backward)
+// (the kept workspace: what a forward leaves for its backward), and the backward's scratch:
 //   dw_local  bf16 [B, Hs, Tp, Dp]      scale Σ_h (M ∘ Q̂_h K̂ᵀ)ᵀ dO_h
 //   y_local   bf16 [B, Hs, n_chunks, Dp, Dp]   scale Σ_h Q̂_hᵀ diag(γ) dO_h
 //   dw        bf16 [B, Hs, Tp, Dp]      dL/dW per chunk
 //   d_states  bf16 [B, Hs, n_chunks, Dp, Dp]   dL/d(state at every chunk's end)
+//   d_published u32 [B, Hs, n_chunks]  how many column blocks of chunk_state_gradients have
+//                                      written the chunk's dS and dW (chunk_gradients waits)
 #pragma once
 
 #include <cstdint>
@@ -49,8 +54,9 @@ struct Params {
   RowStrides q_rows, k_rows, v_rows, o_rows, d_o_rows, dq_rows, dk_rows, dv_rows;
 
   // Workspace.
-  float *g_cum = nullptr, *k_inv = nullptr, *t_inv = nullptr;
-  bfloat16 *k_hat = nullptr, *w = nullptr, *u = nullptr, *v_new = nullptr, *states = nullptr;
+  float *g_cum = nullptr, *k_inv = nullptr;
+  unsigned *published = nullptr, *d_published = nullptr;
+  bfloat16 *t_inv = nullptr, *k_hat = nullptr, *w = nullptr, *u = nullptr, *v_new = nullptr, *states = nullptr;
   bfloat16 *dw_local = nullptr, *y_local = nullptr, *dw = nullptr, *d_states = nullptr;
 };
 
