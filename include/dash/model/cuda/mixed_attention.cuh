@@ -17,11 +17,14 @@
 //
 // Backward, for the upstream gradient dy (bf16) of y, after a forward on the same buffers:
 //   d_cat = dy·[Wo | Wo_own_1 | …]                  one GEMM per contiguous run of needed blocks
-//   dL/dπ_i = <a_i, d_i>,  d_o_i = π_i·d_i           one pass (mixture_gradient), d_i the block of
-//                                                    d_cat that a_i met (the teacher's for the shared)
-//   shared: attention backward of each, accumulated into one fused dq | dk | dv; inverse RoPE;
-//           dh = dqkv·[Wq; Wk; Wv]                  one GEMM
-//   own:    the mixer's backward to dq, dk, dv and the gates; inverse RoPE (GatedLinear with
+//   shared: one backward of the mixture Σ π_i·a_i over the shared operators that ran
+//           (attention::mixture_backward, d = the teacher's block of d_cat): S = QKᵀ, dP and the
+//           dQ, dK, dV products once per tile for both masks, and dL/dπ_i = <a_i, d> from its
+//           D pass, into one fused dq | dk | dv; inverse RoPE; dh = dqkv·[Wq; Wk; Wv]   one GEMM
+//   own:    dL/dπ_i = <a_i, d_i>, d_o_i = π_i·d_i    one pass for all (mixture_gradient), d_i
+//           the block of d_cat that a_i met;
+//           the mixer's backward to dq, dk, dv and the gates (GatedDeltaNet's from the chunk
+//           workspace its forward left in the layer's activations); inverse RoPE (GatedLinear with
 //           rope); dz through the gates, all into one fused [dq | dk | dv | dz];
 //           dh += [dq | dk | dv | dz]·[Wq; Wk; Wv; W_gates]      one GEMM
 // dh is fp32. The search freezes every weight; candidate preparation (prepare.cuh) trains the own
@@ -195,6 +198,7 @@ struct MixerWidths {
   int n_ops = 0, n_shared = 0, n_own = 0;
   index_t d_model = 0, q_dim = 0, qkv_width = 0, n_heads = 0;
   std::array<index_t, max_own> own_q{}, own_gates{}, own_in{};  // own_in: fused row width
+  std::array<std::size_t, max_own> own_kept_bytes{};  // GatedDeltaNet's forward workspace, kept for its backward
 
   void widen(const MixerWidths& o) {
     n_ops = o.n_ops, n_shared = o.n_shared, n_own = o.n_own;
@@ -203,6 +207,7 @@ struct MixerWidths {
       own_q[j] = std::max(own_q[j], o.own_q[j]);
       own_gates[j] = std::max(own_gates[j], o.own_gates[j]);
       own_in[j] = std::max(own_in[j], o.own_in[j]);
+      own_kept_bytes[j] = std::max(own_kept_bytes[j], o.own_kept_bytes[j]);
     }
   }
 };
@@ -216,8 +221,9 @@ struct MixerBuffers {
   std::array<bfloat16*, max_own> own_in{};   // [rows, own_in]: q | k | v | z of own operator j
   std::array<bfloat16*, max_own> own_out{};  // [rows, q_dim]
   std::array<float*, max_own> own_g{}, own_beta{};
+  std::array<std::uint8_t*, max_own> own_kept{};  // what own operator j's backward reads of its forward
   bfloat16* d_cat = nullptr;       // [rows, (1 + n_own)·q_dim]
-  bfloat16* d_out = nullptr;       // [n_ops, rows, q_dim]: π_i·d_i
+  bfloat16* d_out = nullptr;       // [n_own, rows, q_dim]: π_i·d_i of the own operators
   bfloat16* dqkv = nullptr;        // [rows, q_dim + 2·kv_dim]
   bfloat16* own_d_in = nullptr;    // [rows, widest own_in]: dq | dk | dv | dz
   float *own_dg = nullptr, *own_dbeta = nullptr;
@@ -242,6 +248,7 @@ struct MixerBuffers {
       carve(own_in[j], r * std::size_t(w.own_in[j]), "own q|k|v|z");
       carve(own_out[j], r * std::size_t(w.own_q[j]), "own output");
       carve(own_g[j], r * gates, "own log decays"), carve(own_beta[j], r * gates, "own beta");
+      carve(own_kept[j], w.own_kept_bytes[j], "own kept workspace");
     }
   }
 
@@ -255,7 +262,7 @@ struct MixerBuffers {
       widest_in = std::max(widest_in, std::size_t(w.own_in[j])),
       widest_gates = std::max(widest_gates, std::size_t(w.own_gates[j]));
     carve(d_cat, r * q * std::size_t(1 + w.n_own), "d_cat");
-    carve(d_out, r * q * std::size_t(w.n_ops), "d_out");
+    carve(d_out, r * q * std::size_t(w.n_own), "d_out");
     carve(dqkv, r * kv_width, "dqkv");
     carve(own_d_in, r * widest_in, "own dq|dk|dv|dz");
     carve(own_dg, r * widest_gates, "own dg"), carve(own_dbeta, r * widest_gates, "own dbeta");
@@ -266,7 +273,7 @@ struct MixerBuffers {
   MixerBuffers with_forward_of(const MixerBuffers& f) const {
     MixerBuffers b = *this;
     b.qkv = f.qkv, b.shared_out = f.shared_out, b.lse = f.lse;
-    b.own_in = f.own_in, b.own_out = f.own_out, b.own_g = f.own_g, b.own_beta = f.own_beta;
+    b.own_in = f.own_in, b.own_out = f.own_out, b.own_g = f.own_g, b.own_beta = f.own_beta, b.own_kept = f.own_kept;
     return b;
   }
 };
@@ -286,6 +293,8 @@ template <class... Ops>
 class DeviceMixedAttention {
   static_assert((check_cuda_mixer<Ops>() && ...));
   static_assert(sizeof...(Ops) <= max_mixture_terms, "DeviceMixedAttention: at most 8 operators");
+  static_assert((int(shares_teacher_projections_v<Ops>) + ...) <= attention::max_mixture_backward_terms,
+                "DeviceMixedAttention: at most 2 operators on the teacher's projections (one mixture backward)");
 
  public:
   static constexpr int n_ops = int(sizeof...(Ops));
@@ -399,9 +408,12 @@ class DeviceMixedAttention {
   std::size_t scratch_bytes(index_t batch, index_t length) const {
     const int B = int(batch), T = int(length), H = shape_.n_heads, D = shape_.d_head;
     std::size_t bytes = 0;
-    attention::BackwardParams a;
-    a.batch = B, a.length = T, a.n_heads = H, a.n_kv_heads = shape_.n_kv_heads, a.d_head = D;
-    bytes = std::max(bytes, attention::backward_workspace_bytes(a));
+    if constexpr (n_shared > 0) {
+      attention::MixtureBackwardParams a;
+      a.batch = B, a.length = T, a.n_heads = H, a.n_kv_heads = shape_.n_kv_heads, a.d_head = D;
+      a.n_terms = n_shared;
+      bytes = std::max(bytes, attention::mixture_backward_workspace_bytes(a));
+    }
     for (int j = 0; j < n_own; ++j) {
       const OwnOp& o = own_[std::size_t(j)];
       if (o.kind == OwnKind::gated_linear) {
@@ -411,11 +423,22 @@ class DeviceMixedAttention {
         static_cast<gla::Inputs&>(g) = f;
         bytes = std::max({bytes, gla::forward_workspace_bytes(f), gla::backward_workspace_bytes(g)});
       } else {
-        const gdn::Dims dims{batch, length, H, o.kv_heads, D};
-        bytes = std::max({bytes, gdn::forward_workspace_bytes(dims), gdn::backward_workspace_bytes(dims)});
+        bytes = std::max(bytes, gdn::backward_scratch_bytes(gdn::Dims{batch, length, H, o.kv_heads, D}));
       }
     }
     return bytes;
+  }
+
+  // Widens w.own_kept_bytes to what `batch` sequences of `length` tokens keep: GatedDeltaNet's
+  // forward leaves its chunk workspace (normalised keys, the solve, every chunk's state) in the
+  // layer's activations, so that its backward does not compute them again.
+  void widen_kept(MixerWidths& w, index_t batch, index_t length) const {
+    for (int j = 0; j < n_own; ++j) {
+      const OwnOp& o = own_[std::size_t(j)];
+      if (o.kind != OwnKind::gated_delta_net) continue;
+      const gdn::Dims dims{batch, length, shape_.n_heads, o.kv_heads, shape_.d_head};
+      w.own_kept_bytes[std::size_t(j)] = std::max(w.own_kept_bytes[std::size_t(j)], gdn::kept_workspace_bytes(dims));
+    }
   }
 
   // The jobs that refresh this layer's π-scaled output projections from π[pi_offset + i].
@@ -494,36 +517,24 @@ class DeviceMixedAttention {
     });
     if (!any) return false;
 
+    // The own operators' dL/dπ_i and π_i·d_i (their backward's upstream gradient).
     MixtureGradientParams m;
     m.rows = rows, m.cols = int(q_dim_), m.pi = pi, m.grad = d_pi, m.partials = b.partials;
     for (int i = 0; i < n_ops; ++i) {
-      if (!run[std::size_t(i)]) continue;
+      if (!run[std::size_t(i)] || is_shared(i)) continue;
       MixtureTerm& t = m.terms[m.n_terms++];
-      if (is_shared(i))
-        t.a = b.shared_out + info_[std::size_t(i)].slot * q_dim_, t.a_stride = index_t(n_shared) * q_dim_;
-      else
-        t.a = b.own_out[std::size_t(info_[std::size_t(i)].slot)], t.a_stride = q_dim_;
+      t.a = b.own_out[std::size_t(info_[std::size_t(i)].slot)], t.a_stride = q_dim_;
       t.d = b.d_cat + distinct_block(i) * q_dim_, t.d_stride = cat_stride;
       t.scaled = d_out(b, i, rows);
       t.pi_index = i;
     }
-    timed(c.linear.timer, "mixture gradient", c.stream, [&] { mixture_gradient(m, c.stream); });
+    if (m.n_terms > 0) timed(c.linear.timer, "mixture gradient", c.stream, [&] { mixture_gradient(m, c.stream); });
 
     bool dh_written = false;
     if (any_shared(run)) {
-      bool accumulate = false;
-      for (int i = 0; i < n_ops; ++i) {
-        if (!run[std::size_t(i)] || !is_shared(i)) continue;
-        attention::BackwardParams p;
-        static_cast<attention::ForwardParams&>(p) = attention_params(c, i);
-        p.d_o = d_out(b, i, rows), p.d_o_strides = {c.length * q_dim_, q_dim_};
-        p.dq = b.dqkv, p.dk = b.dqkv + q_dim_, p.dv = b.dqkv + q_dim_ + kv_dim_;
-        p.dq_strides = p.dk_strides = p.dv_strides = p.q_strides;
-        p.accumulate = accumulate;
-        timed(c.linear.timer, "attention backward", c.stream,
-              [&] { attention::backward(p, c.scratch, c.scratch_bytes, c.stream); });
-        accumulate = true;
-      }
+      const attention::MixtureBackwardParams p = shared_backward_params(c, run, pi, d_pi);
+      timed(c.linear.timer, "attention backward", c.stream,
+            [&] { attention::mixture_backward(p, c.scratch, c.scratch_bytes, c.stream); });
       timed(c.linear.timer, "rope", c.stream,
             [&] { rotate(c, b.dqkv, b.dqkv + q_dim_, shape_.n_heads, shape_.n_kv_heads, qkv_width_, true); });
       c.linear(rows, d, qkv_width_, b.dqkv, qkv_width_, w_qkv_.data(), d, false, nullptr, dh, d, DType::f32, false,
@@ -582,7 +593,7 @@ class DeviceMixedAttention {
     const OwnOp& o = own_[std::size_t(j)];
     const MixerBuffers& b = c.buffers;
     const index_t rows = c.batch * c.length, d = shape_.d_model;
-    bfloat16* const d_o = d_out(b, 0, rows);
+    bfloat16* const d_o = d_out(b, i, rows);
     c.linear(rows, q_dim_, d, dy, d, w_cat_.data() + distinct_block(i) * q_dim_, index_t(1 + n_own) * q_dim_, false,
              nullptr, d_o, q_dim_, DType::bf16, false, c.stream);
     c.linear.transposed_a(d, q_dim_, rows, dy, d, b.own_out[std::size_t(j)], q_dim_, d_wo, false, c.stream);
@@ -640,7 +651,10 @@ class DeviceMixedAttention {
   index_t scaled_column(int i) const {
     return is_shared(i) ? info_[std::size_t(i)].slot : n_shared + info_[std::size_t(i)].slot;
   }
-  bfloat16* d_out(const MixerBuffers& b, int i, index_t rows) const { return b.d_out + index_t(i) * rows * q_dim_; }
+  // π_i·d_i of own operator i.
+  bfloat16* d_out(const MixerBuffers& b, int i, index_t rows) const {
+    return b.d_out + index_t(info_[std::size_t(i)].slot) * rows * q_dim_;
+  }
 
   // Calls f(first, count) for every maximal run of set flags among the first n.
   template <class F>
@@ -703,6 +717,28 @@ class DeviceMixedAttention {
     r.inverse = inverse;
     r.table = c.rope;
     rope(r, c.stream);
+  }
+
+  // The shared operators that ran, as one mixture backward: the gradient d of their weighted
+  // sum is the teacher's block of d_cat, unscaled; dL/dπ of each comes from the same pass.
+  attention::MixtureBackwardParams shared_backward_params(const MixerContext& c, const OpMask& run, const float* pi,
+                                                          float* d_pi) const {
+    const MixerBuffers& b = c.buffers;
+    attention::MixtureBackwardParams p;
+    for (int i = 0; i < n_ops; ++i) {
+      if (!run[std::size_t(i)] || !is_shared(i)) continue;
+      const attention::ForwardParams a = attention_params(c, i);
+      p.q = a.q, p.k = a.k, p.v = a.v, p.q_strides = a.q_strides, p.k_strides = a.k_strides, p.v_strides = a.v_strides;
+      p.batch = a.batch, p.length = a.length, p.n_heads = a.n_heads, p.n_kv_heads = a.n_kv_heads;
+      p.d_head = a.d_head, p.scale = a.scale;
+      p.terms[p.n_terms++] = {a.o, a.o_strides, a.lse, a.mask, i};
+    }
+    const index_t cat_stride = index_t(1 + n_own) * q_dim_;
+    p.pi = pi, p.d_pi = d_pi;
+    p.d = b.d_cat, p.d_strides = {c.length * cat_stride, cat_stride};
+    p.dq = b.dqkv, p.dk = b.dqkv + q_dim_, p.dv = b.dqkv + q_dim_ + kv_dim_;
+    p.dq_strides = p.dk_strides = p.dv_strides = p.q_strides;
+    return p;
   }
 
   attention::ForwardParams attention_params(const MixerContext& c, int i) const {
@@ -768,7 +804,10 @@ class DeviceMixedAttention {
       f.beta = device_view<const float>(beta, Shape{B, T, Hs});
       f.o = device_view<bfloat16>(out, Shape{B, T, H, D});
       f.scale = o.scale, f.eps = o.eps;
-      timed(c.linear.timer, "gdn forward", c.stream, [&] { gdn::forward(f, c.scratch, c.scratch_bytes, c.stream); });
+      f.keep_for_backward = true;
+      const std::size_t kept_bytes = gdn::kept_workspace_bytes(gdn::Dims{B, T, H, Hs, D});
+      timed(c.linear.timer, "gdn forward", c.stream,
+            [&] { gdn::forward(f, b.own_kept[std::size_t(j)], kept_bytes, c.stream); });
     }
   }
 
@@ -811,7 +850,10 @@ class DeviceMixedAttention {
       p.dg = device_view<float>(b.own_dg, Shape{B, T, Hs});
       p.dbeta = device_view<float>(b.own_dbeta, Shape{B, T, Hs});
       p.scale = o.scale, p.eps = o.eps;
-      timed(c.linear.timer, "gdn backward", c.stream, [&] { gdn::backward(p, c.scratch, c.scratch_bytes, c.stream); });
+      const std::size_t kept_bytes = gdn::kept_workspace_bytes(gdn::Dims{B, T, H, Hs, D});
+      timed(c.linear.timer, "gdn backward", c.stream, [&] {
+        gdn::backward(p, b.own_kept[std::size_t(j)], kept_bytes, c.scratch, c.scratch_bytes, c.stream);
+      });
     }
     const GateBackwardParams gates{.g = g,
                                    .beta = o.with_beta ? beta : nullptr,

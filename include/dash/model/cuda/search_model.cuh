@@ -131,8 +131,11 @@ class DeviceSearchModel {
     // min(planned_length, max_length) tokens (shorter ones pad to the kernels' chunks and would
     // reserve several times the memory; step() refuses a batch that needs more than this).
     const index_t shortest = std::min(planned_length, max_length);
-    for (index_t b = 1; b <= std::min(max_tokens / shortest, Mixer::max_batch); ++b)
-      scratch_bytes_ = std::max(scratch_bytes_, scratch_bytes(b, std::min(max_length, max_tokens / b)));
+    for (index_t b = 1; b <= std::min(max_tokens / shortest, Mixer::max_batch); ++b) {
+      const index_t length = std::min(max_length, max_tokens / b);
+      scratch_bytes_ = std::max(scratch_bytes_, scratch_bytes(b, length));
+      for (const Layer& layer : layers_) layer.mixer.widen_kept(widths_, b, length);
+    }
     loss_ = DeviceTensor<float>(Shape{2});
     scores_ = DeviceTensor<float>(Shape{2});
     counted_ = DeviceTensor<int>(Shape{1});
@@ -449,11 +452,18 @@ class DeviceSearchModel {
             ", expected 1 ... max_length = ", max_length_);
     require(batch * length <= max_tokens_, "DeviceSearchModel::", what, ": batch × length = ", batch, " × ", length,
             " exceeds max_tokens = ", max_tokens_);
-    const std::size_t scratch = scratch_bytes(batch, length);
-    require(scratch <= scratch_bytes_, "DeviceSearchModel::", what, ": ", batch, " sequences of ", length,
-            " tokens need ", scratch, " bytes of operator scratch, the model holds ", scratch_bytes_,
-            " (planned for sequences of at least ", std::min(planned_length, max_length_),
-            " tokens; for more, shorter sequences give the model a larger max_tokens)");
+    const auto refuse_above = [&](std::size_t needed, std::size_t held, const char* buffer) {
+      require(needed <= held, "DeviceSearchModel::", what, ": ", batch, " sequences of ", length, " tokens need ",
+              needed, " bytes of ", buffer, ", the model holds ", held, " (planned for sequences of at least ",
+              std::min(planned_length, max_length_),
+              " tokens; for more, shorter sequences give the model a larger max_tokens)");
+    };
+    refuse_above(scratch_bytes(batch, length), scratch_bytes_, "operator scratch");
+    MixerWidths kept;
+    for (const Layer& layer : layers_) layer.mixer.widen_kept(kept, batch, length);
+    for (int j = 0; j < MixerWidths::max_own; ++j)
+      refuse_above(kept.own_kept_bytes[std::size_t(j)], widths_.own_kept_bytes[std::size_t(j)],
+                   "GatedDeltaNet workspace kept per layer");
   }
 
   void validate_forward(const char* what, const int* ids, index_t batch, index_t length, const float* pi,
