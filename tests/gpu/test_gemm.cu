@@ -105,20 +105,27 @@ TEST_CASE("gemm: every transpose mode, bias and accumulation match a float64 pro
                   acc += (s.transpose_a ? a.host(l, i) : a.host(i, l)) * (s.transpose_b ? b.host(j, l) : b.host(l, j));
                 want(i, j) = alpha * acc + (s.bias ? bias(j) : 0.0) + (s.accumulate ? c0(i, j) : 0.0);
               }
-            auto c = to_device(c0, c_type);
-            if (!s.accumulate) c.fill_bytes(0xFF);
             const auto bias_device = to_device(bias, c_type);
-            cuda::GemmOperands o;
-            o.a = a.device.data(), o.b = b.device.data(), o.c = c.data();
-            o.bias = s.bias ? bias_device.data() : nullptr;
-            o.alpha = alpha;
-            o.workspace = workspace.data(), o.workspace_bytes = workspace.size();
-            gemm(s, o, nullptr);
-            const double error = test::relative_l2(to_host(c, c_type, want.shape()), want);
-            INFO(cuda::detail::describe(s), choice == cuda::GemmChoice::fastest ? " (fastest)" : " (heuristic)",
-                 " relative error ", error);
-            CHECK(error <= tolerance(c_type));
-            worst[c_type == DType::f32] = std::max(worst[c_type == DType::f32], error);
+            // Accumulation in place (c holds c0), and into another buffer (c = addend + …, c poisoned).
+            for (const bool apart : {false, true}) {
+              if (apart && !s.accumulate) continue;
+              auto c = to_device(c0, c_type);
+              const auto addend = to_device(c0, c_type);
+              if (!s.accumulate || apart) c.fill_bytes(0xFF);
+              cuda::GemmOperands o;
+              o.a = a.device.data(), o.b = b.device.data(), o.c = c.data();
+              o.addend = apart ? addend.data() : nullptr;
+              o.bias = s.bias ? bias_device.data() : nullptr;
+              o.alpha = alpha;
+              o.workspace = workspace.data(), o.workspace_bytes = workspace.size();
+              gemm(s, o, nullptr);
+              const double error = test::relative_l2(to_host(c, c_type, want.shape()), want);
+              INFO(cuda::detail::describe(s), choice == cuda::GemmChoice::fastest ? " (fastest)" : " (heuristic)",
+                   apart ? " addend apart" : "", " relative error ", error);
+              CHECK(error <= tolerance(c_type));
+              CHECK(test::relative_l2(to_host(addend, c_type, c0.shape()), c0) == 0);
+              worst[c_type == DType::f32] = std::max(worst[c_type == DType::f32], error);
+            }
           }
   }
   MESSAGE("gemm worst relative L2 (both choices): bf16 C ", worst[0], ", fp32 C ", worst[1]);
@@ -250,6 +257,11 @@ TEST_CASE("gemm: bad shapes and operands are refused with the shape named") {
     auto s = good;
     s.bias = true;
     CHECK(test::contains(error(s, ok), "bias is null"));
+  }
+  SUBCASE("addend without accumulation") {
+    auto o = ok;
+    o.addend = fake;
+    CHECK(test::contains(error(good, o), "does not accumulate"));
   }
   SUBCASE("bias not planned") {
     auto o = ok;

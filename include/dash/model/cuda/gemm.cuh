@@ -69,6 +69,7 @@ struct GemmOperands {
   const bfloat16* a = nullptr;
   const bfloat16* b = nullptr;
   void* c = nullptr;            // of shape.c_type
+  const void* addend = nullptr; // with shape.accumulate: c = addend + A·B (same layout as c); null: c += A·B
   const void* bias = nullptr;   // [n] of shape.c_type, when shape.bias
   float alpha = 1;
   void* workspace = nullptr;    // at least Gemm::workspace_bytes(), 256-byte aligned
@@ -107,7 +108,9 @@ struct Alignments {
   auto operator<=>(const Alignments&) const = default;
 
   static Alignments of(const GemmOperands& o) {
-    return {alignment_of(o.a), alignment_of(o.b), alignment_of(o.c), alignment_of(o.bias)};
+    // C and D share the plan's layout, so the addend counts as C.
+    return {alignment_of(o.a), alignment_of(o.b), std::min(alignment_of(o.c), alignment_of(o.addend)),
+            alignment_of(o.bias)};
   }
   bool satisfied_by(const Alignments& actual) const {
     return actual.a >= a && actual.b >= b && actual.c >= c && actual.bias >= bias;
@@ -131,6 +134,7 @@ inline void validate(const GemmShape& s, const GemmOperands& o, std::size_t work
   if (!o.a) fail(describe(s), ": A is null");
   if (!o.b) fail(describe(s), ": B is null");
   if (!o.c) fail(describe(s), ": C is null");
+  if (o.addend && !s.accumulate) fail(describe(s), ": an addend is given but the shape does not accumulate");
   if (s.bias && !o.bias) fail(describe(s), ": bias is null");
   if (!s.bias && o.bias) fail(describe(s), ": a bias pointer is given but the shape has no bias");
   if (o.workspace_bytes < workspace_needed)
@@ -236,8 +240,9 @@ class GemmPlan {
 
   cublasStatus_t enqueue(const cublasLtMatmulAlgo_t& algo, const GemmOperands& o, void* c, cudaStream_t stream) const {
     const float alpha = o.alpha, beta = shape_.accumulate ? 1.0f : 0.0f;
-    return cublasLtMatmul(handle_, desc_.get(), &alpha, o.b, first_.get(), o.a, second_.get(), &beta, c, result_.get(),
-                          c, result_.get(), &algo, o.workspace, o.workspace_bytes, stream);
+    const void* addend = o.addend ? o.addend : c;
+    return cublasLtMatmul(handle_, desc_.get(), &alpha, o.b, first_.get(), o.a, second_.get(), &beta, addend,
+                          result_.get(), c, result_.get(), &algo, o.workspace, o.workspace_bytes, stream);
   }
 
   // Times each candidate on o's A and B into a scratch C and keeps the fastest (the earliest of

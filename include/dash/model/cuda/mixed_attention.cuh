@@ -143,6 +143,8 @@ void timed(StepTimer* timer, const char* label, cudaStream_t stream, F&& f) {
 
 // Enqueues c (+)= a·op(w) through `gemm`: a [m, k] with row stride lda; w stored [n, k]
 // (transpose_w, a checkpoint's [out, in]) or [k, n], row stride ldw; c [m, n], row stride ldc.
+// With `addend` (and accumulate), c = addend + a·op(w), addend laid out as c: a residual stream
+// that moves to another buffer without a copy.
 class Linear {
  public:
   Gemm* gemm = nullptr;
@@ -152,7 +154,7 @@ class Linear {
 
   void operator()(index_t m, index_t n, index_t k, const bfloat16* a, index_t lda, const bfloat16* w, index_t ldw,
                   bool transpose_w, const bfloat16* bias, void* c, index_t ldc, DType c_type, bool accumulate,
-                  cudaStream_t stream) const {
+                  cudaStream_t stream, const void* addend = nullptr) const {
     GemmShape s;
     s.m = m, s.n = n, s.k = k;
     s.transpose_b = transpose_w;
@@ -163,7 +165,7 @@ class Linear {
     s.bias = bias != nullptr;
     s.accumulate = accumulate;
     GemmOperands o;
-    o.a = a, o.b = w, o.c = c, o.bias = bias;
+    o.a = a, o.b = w, o.c = c, o.bias = bias, o.addend = addend;
     run(s, o, stream);
   }
 
@@ -454,12 +456,22 @@ class DeviceMixedAttention {
     }
   }
 
-  // y += Σ_{i run} π_i·o_i(h), with the π-scaled weights as scale_weights last left them. The
-  // teacher's forward (`teacher`): y += softmax attention through the unscaled Wo, `run` ignored.
-  void forward(const MixerContext& c, const bfloat16* h, float* y, const OpMask& run, bool teacher) const {
+  // y = x + Σ_{i run} π_i·o_i(h), with the π-scaled weights as scale_weights last left them
+  // (x and y [rows, d] fp32, the same buffer or apart: the first output GEMM reads x, the others
+  // add to y). The teacher's forward (`teacher`): softmax attention through the unscaled Wo,
+  // `run` ignored.
+  void forward(const MixerContext& c, const bfloat16* h, const float* x, float* y, const OpMask& run,
+               bool teacher) const {
     const index_t rows = c.batch * c.length;
     const OpMask runs = teacher ? only_softmax() : run;
     const MixerBuffers& b = c.buffers;
+    // The residual for the next output GEMM: x for the first, y (in place) after it.
+    const float* addend = x == y ? nullptr : x;
+    const auto add_output = [&](index_t k, const bfloat16* a, index_t lda, const bfloat16* w, index_t ldw) {
+      c.linear(rows, shape_.d_model, k, a, lda, w, ldw, true, nullptr, y, shape_.d_model, DType::f32, true, c.stream,
+               addend);
+      addend = nullptr;
+    };
     if (any_shared(runs)) {
       c.linear(rows, qkv_width_, shape_.d_model, h, shape_.d_model, w_qkv_.data(), shape_.d_model, true,
                b_qkv_.data(), b.qkv, qkv_width_, DType::bf16, false, c.stream);
@@ -472,29 +484,30 @@ class DeviceMixedAttention {
       const index_t shared_stride = index_t(n_shared) * q_dim_;
       if (teacher) {
         const int s = info_[std::size_t(softmax_index())].slot;
-        c.linear(rows, shape_.d_model, q_dim_, b.shared_out + s * q_dim_, shared_stride, w_cat_.data(),
-                 index_t(1 + n_own) * q_dim_, true, nullptr, y, shape_.d_model, DType::f32, true, c.stream);
+        add_output(q_dim_, b.shared_out + s * q_dim_, shared_stride, w_cat_.data(), index_t(1 + n_own) * q_dim_);
       } else {
         // One GEMM per contiguous run of running shared slots, against the scaled copies.
         std::array<bool, max_mixture_terms> slot_runs{};
         for (int i = 0; i < n_ops; ++i)
           if (is_shared(i) && runs[std::size_t(i)]) slot_runs[std::size_t(info_[std::size_t(i)].slot)] = true;
         for_each_span(slot_runs, n_shared, [&](int first, int count) {
-          c.linear(rows, shape_.d_model, count * q_dim_, b.shared_out + first * q_dim_, shared_stride,
-                   w_scaled_.data() + first * q_dim_, index_t(n_ops) * q_dim_, true, nullptr, y, shape_.d_model,
-                   DType::f32, true, c.stream);
+          add_output(count * q_dim_, b.shared_out + first * q_dim_, shared_stride, w_scaled_.data() + first * q_dim_,
+                     index_t(n_ops) * q_dim_);
         });
       }
     }
-    if (teacher) return;
-    for (int i = 0; i < n_ops; ++i) {
-      if (!runs[std::size_t(i)] || is_shared(i)) continue;
-      const int j = info_[std::size_t(i)].slot;
-      own_forward(c, j, h);
-      c.linear(rows, shape_.d_model, q_dim_, b.own_out[std::size_t(j)], q_dim_,
-               w_scaled_.data() + scaled_column(i) * q_dim_, index_t(n_ops) * q_dim_, true, nullptr, y,
-               shape_.d_model, DType::f32, true, c.stream);
-    }
+    if (!teacher)
+      for (int i = 0; i < n_ops; ++i) {
+        if (!runs[std::size_t(i)] || is_shared(i)) continue;
+        const int j = info_[std::size_t(i)].slot;
+        own_forward(c, j, h);
+        add_output(q_dim_, b.own_out[std::size_t(j)], q_dim_, w_scaled_.data() + scaled_column(i) * q_dim_,
+                   index_t(n_ops) * q_dim_);
+      }
+    if (addend)  // nothing ran: y = x
+      check(cudaMemcpyAsync(y, x, std::size_t(rows) * std::size_t(shape_.d_model) * sizeof(float),
+                            cudaMemcpyDeviceToDevice, c.stream),
+            "DeviceMixedAttention::forward: copy x to y");
   }
 
   // After forward(c, h, ·, run, false) on the same buffers: dh = dL/dh (fp32, written, not added)

@@ -227,20 +227,20 @@ class DeviceSearchModel {
     // Teacher, in the last layer-input slot (the student overwrites it).
     embed(ids, x_last, rows, stream);
     for (int l = 0; l < n_layers(); ++l) {
-      attention_block(c, l, x_last, masks_[std::size_t(l)], /*teacher=*/true);
-      mlp_block(c, l, x_last, /*down=*/true, buffers_.gate_up);
+      attention_block(c, l, x_last, x_last, masks_[std::size_t(l)], /*teacher=*/true);
+      mlp_block(c, l, x_last, x_last, /*down=*/true, buffers_.gate_up);
     }
     norm(final_norm_.data(), x_last, buffers_.teacher_hidden, rows, stream);
 
-    // Student, keeping every layer's input (and, when kept, its activations).
+    // Student, keeping every layer's input (and, when kept, its activations): the residual
+    // stream moves from buffer to buffer through the output GEMMs' addends, never copied.
     embed(ids, layer_input(0), rows, stream);
     for (int l = 0; l < n_layers(); ++l) {
       float* const x = layer_input(l + 1);
+      float* const r = activations_ == Activations::kept ? buffers_.kept_residual[std::size_t(l)] : x;
       const MixerContext cl = layer_context(c, l);
-      copy_layer_input(x, l, rows, stream);
-      attention_block(cl, l, x, masks_[std::size_t(l)], false);
-      if (activations_ == Activations::kept) copy_rows(buffers_.kept_residual[std::size_t(l)], x, rows, stream);
-      mlp_block(cl, l, x, true, gate_up_of(l));
+      attention_block(cl, l, layer_input(l), r, masks_[std::size_t(l)], false);
+      mlp_block(cl, l, r, x, true, gate_up_of(l));
     }
     norm(final_norm_.data(), x_last, buffers_.student_hidden, rows, stream);
 
@@ -342,10 +342,10 @@ class DeviceSearchModel {
       norm(layer.attn_norm.data(), x, buffers_.normed, rows, stream);
       check(cudaMemsetAsync(a, 0, std::size_t(rows) * std::size_t(config_.d_model) * sizeof(float), stream),
             "DeviceSearchModel: clear the attention output");
-      layer.mixer.forward(c, buffers_.normed, a, OpMask{}, /*teacher=*/true);
+      layer.mixer.forward(c, buffers_.normed, a, a, OpMask{}, /*teacher=*/true);
       f(l, c, static_cast<const bfloat16*>(buffers_.normed), static_cast<const float*>(a));
       add_into(x, a, rows * config_.d_model, stream);
-      mlp_block(c, l, x, /*down=*/true, buffers_.gate_up);
+      mlp_block(c, l, x, x, /*down=*/true, buffers_.gate_up);
     }
   }
 
@@ -557,14 +557,6 @@ class DeviceSearchModel {
     return activations_ == Activations::kept ? buffers_.kept_gate_up[std::size_t(l)] : buffers_.gate_up;
   }
 
-  void copy_rows(float* to, const float* from, index_t rows, cudaStream_t stream) {
-    timed(timer_, "copy layer input", stream, [&] {
-      check(cudaMemcpyAsync(to, from, std::size_t(rows) * std::size_t(config_.d_model) * sizeof(float),
-                            cudaMemcpyDeviceToDevice, stream),
-            "DeviceSearchModel: copy rows");
-    });
-  }
-
   float* layer_input(int l) const {
     return buffers_.layer_inputs + std::size_t(l) * std::size_t(max_tokens_) * std::size_t(config_.d_model);
   }
@@ -575,8 +567,6 @@ class DeviceSearchModel {
                        stream);
     });
   }
-
-  void copy_layer_input(float* to, int l, index_t rows, cudaStream_t stream) { copy_rows(to, layer_input(l), rows, stream); }
 
   void norm(const bfloat16* gain, const float* x, bfloat16* y, index_t rows, cudaStream_t stream) {
     timed(timer_, "rms norm", stream, [&] {
@@ -604,15 +594,17 @@ class DeviceSearchModel {
   }
 
   // x += mixer(RMSNorm(x)).
-  void attention_block(const MixerContext& c, int l, float* x, const OpMask& run, bool teacher) {
+  // y = x + mixer(RMSNorm(x)); y may be x.
+  void attention_block(const MixerContext& c, int l, const float* x, float* y, const OpMask& run, bool teacher) {
     const Layer& layer = layers_[std::size_t(l)];
     const index_t rows = c.batch * c.length;
     norm(layer.attn_norm.data(), x, buffers_.normed, rows, c.stream);
-    layer.mixer.forward(c, buffers_.normed, x, run, teacher);
+    layer.mixer.forward(c, buffers_.normed, x, y, run, teacher);
   }
 
-  // n = RMSNorm(x), gate|up = n·[W_gate; W_up]ᵀ into gate_up, and with `down`: x += SwiGLU·W_downᵀ.
-  void mlp_block(const MixerContext& c, int l, float* x, bool down, bfloat16* gate_up) {
+  // n = RMSNorm(x), gate|up = n·[W_gate; W_up]ᵀ into gate_up, and with `down`:
+  // y = x + SwiGLU·W_downᵀ (y may be x).
+  void mlp_block(const MixerContext& c, int l, const float* x, float* y, bool down, bfloat16* gate_up) {
     const Layer& layer = layers_[std::size_t(l)];
     const index_t rows = c.batch * c.length, d = config_.d_model, d_ff = config_.d_ff;
     norm(layer.mlp_norm.data(), x, buffers_.normed, rows, c.stream);
@@ -629,8 +621,8 @@ class DeviceSearchModel {
                       .d_ff = int(d_ff)},
                      c.stream);
     });
-    c.linear(rows, d, d_ff, buffers_.mlp, d_ff, layer.w_down.data(), d_ff, true, nullptr, x, d, DType::f32, true,
-             c.stream);
+    c.linear(rows, d, d_ff, buffers_.mlp, d_ff, layer.w_down.data(), d_ff, true, nullptr, y, d, DType::f32, true,
+             c.stream, x == y ? nullptr : x);
   }
 
   // dx: dL/dx_{l+1} in, dL/dx_l out; d_pi[i] = dL/dπ_li. c holds layer l's forward activations
@@ -642,9 +634,8 @@ class DeviceSearchModel {
     float* const r = kept ? buffers_.kept_residual[std::size_t(l)] : buffers_.residual;
     bfloat16* const gate_up = gate_up_of(l);
     if (!kept) {
-      copy_layer_input(r, l, rows, c.stream);
-      attention_block(c, l, r, run, false);
-      mlp_block(c, l, r, false, gate_up);
+      attention_block(c, l, layer_input(l), r, run, false);
+      mlp_block(c, l, r, r, false, gate_up);
     }
 
     // Through the MLP: dn2 = (SwiGLU'ᵀ (dx·W_down))·[W_gate; W_up], then the second norm into dx.
