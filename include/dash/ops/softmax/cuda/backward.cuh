@@ -386,7 +386,8 @@ inline void run_backward(const MixtureBackwardParams& p, void* workspace, cudaSt
     launch_preprocess<false>(args, shape, stream);
   check(cudaGetLastError(), "attention backward: preprocess launch");
   if (p.d_pi) {
-    mixture_weight_gradient_kernel<<<unsigned(p.n_terms), preprocess_threads, 0, stream>>>(args, int(shape.blocks));
+    mixture_weight_gradient_kernel<preprocess_threads>
+        <<<unsigned(p.n_terms), preprocess_threads, 0, stream>>>(args, int(shape.blocks));
     check(cudaGetLastError(), "attention backward: mixture weight gradient launch");
   }
   dispatch_main_kernel(args, use_wgmma, stream);

@@ -301,12 +301,15 @@ __global__ void __launch_bounds__(preprocess_threads) backward_preprocess_kernel
 }
 
 // dL/dπ_t = Σ D_t: block t adds term t's `blocks` partials, each thread a fixed stride of
-// them, then block_sum; d_pi[pi_index] is overwritten.
-__global__ void __launch_bounds__(preprocess_threads) mixture_weight_gradient_kernel(BackwardArgs args, int blocks) {
-  __shared__ double warp_sums[preprocess_threads / 32];
+// them, then block_sum; d_pi[pi_index] is overwritten. (A template, like every kernel in these
+// headers, so that several translation units may include them.)
+template <int Threads>
+__global__ void __launch_bounds__(Threads) mixture_weight_gradient_kernel(BackwardArgs args, int blocks) {
+  static_assert(Threads == preprocess_threads, "block_sum reduces preprocess_threads lanes");
+  __shared__ double warp_sums[Threads / 32];
   const double* partials = args.delta_partials + std::int64_t(blockIdx.x) * blocks;
   double sum = 0;
-  for (int i = threadIdx.x; i < blocks; i += preprocess_threads) sum += partials[i];
+  for (int i = threadIdx.x; i < blocks; i += Threads) sum += partials[i];
   sum = block_sum(sum, warp_sums);
   if (threadIdx.x == 0) args.p.d_pi[args.p.terms[blockIdx.x].pi_index] = float(sum);
 }
