@@ -263,8 +263,8 @@ class DeviceSearchModel {
     float* const x = buffers_.residual;
     embed(ids, x, batch * length, stream);
     for (int l = 0; l < n_layers(); ++l) {
-      attention_block(c, l, x, OpMask{}, /*teacher=*/true);
-      mlp_block(c, l, x, /*down=*/true, buffers_.gate_up);
+      attention_block(c, l, x, x, OpMask{}, /*teacher=*/true);
+      mlp_block(c, l, x, x, /*down=*/true, buffers_.gate_up);
     }
     norm(final_norm_.data(), x, buffers_.teacher_hidden, batch * length, stream);
   }
@@ -489,8 +489,8 @@ class DeviceSearchModel {
     float* const x = buffers_.residual;
     embed(ids, x, rows, stream);
     for (int l = 0; l < n_layers(); ++l) {
-      attention_block(c, l, x, masks_[std::size_t(l)], false);
-      mlp_block(c, l, x, true, buffers_.gate_up);
+      attention_block(c, l, x, x, masks_[std::size_t(l)], false);
+      mlp_block(c, l, x, x, true, buffers_.gate_up);
     }
     norm(final_norm_.data(), x, buffers_.student_hidden, rows, stream);
   }
