@@ -375,6 +375,129 @@ TEST_CASE("attention forward on Hopper: the consumers' turn-taking changes the i
   }
 }
 
+// The pair forward (causal and window W in one launch) against two forward() calls and the
+// float64 reference, for windows on and off the tile width, lengths around it and both paths
+// (Hopper at d_head 64 and 128, the two forwards at an odd d_head).
+namespace {
+
+struct PairOutputs {
+  Outputs causal, window;
+};
+
+PairOutputs run_pair(const Inputs& x, const Case& c, std::int64_t window) {
+  const auto q = cuda::to_device_bf16<double>(x.q.view());
+  const auto k = cuda::to_device_bf16<double>(x.k.view());
+  const auto v = cuda::to_device_bf16<double>(x.v.view());
+  cuda::DeviceTensor<cuda::bfloat16> o(q_shape(c)), window_o(q_shape(c));
+  cuda::DeviceTensor<float> lse(lse_shape(c)), window_lse(lse_shape(c));
+  test::poison(o);
+  test::poison(lse);
+  test::poison(window_o);
+  test::poison(window_lse);
+  const attention::ForwardParams f = contiguous_params(c);
+  attention::PairForwardParams p;
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.o = o.data();
+  p.lse = lse.data();
+  p.window_o = window_o.data();
+  p.window_lse = window_lse.data();
+  p.q_strides = f.q_strides;
+  p.k_strides = f.k_strides;
+  p.v_strides = f.v_strides;
+  p.o_strides = p.window_o_strides = f.o_strides;
+  p.batch = f.batch;
+  p.length = f.length;
+  p.n_heads = f.n_heads;
+  p.n_kv_heads = f.n_kv_heads;
+  p.d_head = f.d_head;
+  p.scale = f.scale;
+  p.window = window;
+  attention::pair_forward(p, nullptr);
+  cuda::check(cudaDeviceSynchronize(), "attention pair forward");
+  return {{cuda::to_host_double(o), cuda::to_host_double(lse)},
+          {cuda::to_host_double(window_o), cuda::to_host_double(window_lse)}};
+}
+
+// Largest |got − want| / max(|want|, 1) over all elements (an lse near 0 is compared
+// absolutely); infinity if anything is not finite.
+double max_relative(const Tensor<double>& got, const Tensor<double>& want) {
+  double worst = 0;
+  for (index_t i = 0; i < got.numel(); ++i) {
+    const double a = got.data()[i], b = want.data()[i];
+    if (!std::isfinite(a) || !std::isfinite(b)) return std::numeric_limits<double>::infinity();
+    worst = std::max(worst, std::abs(a - b) / std::max(std::abs(b), 1.0));
+  }
+  return worst;
+}
+
+struct PairWorst {
+  double o_vs_forward = 0, lse_vs_forward = 0;
+  Worst reference;
+
+  void record(const Outputs& got, const Outputs& forward, const Outputs& want, const Case& c) {
+    const double o_error = test::relative_l2(got.o, forward.o), lse_error = max_relative(got.lse, forward.lse);
+    CAPTURE(c);
+    CHECK(o_error <= test::bf16_tolerance);
+    CHECK(lse_error <= test::fp32_tolerance);
+    o_vs_forward = std::max(o_vs_forward, o_error);
+    lse_vs_forward = std::max(lse_vs_forward, lse_error);
+    reference.record(got, want, c, ForwardKernel::best);
+  }
+  void report() const {
+    MESSAGE("pair vs forward(): worst o rel-L2 " << o_vs_forward << ", worst lse max-rel " << lse_vs_forward);
+    reference.report();
+  }
+};
+
+void check_pair(const Case& c, std::int64_t window, Rng& rng, PairWorst& worst) {
+  const Inputs x = random_inputs(c, rng);
+  Case windowed = c;
+  windowed.window = window;
+  const PairOutputs got = run_pair(x, c, window);
+  worst.record(got.causal, run(x, c, ForwardKernel::best), reference(x, c), c);
+  worst.record(got.window, run(x, windowed, ForwardKernel::best), reference(x, windowed), windowed);
+  if (window >= c.length) {  // the window covers every causal key: both outputs are one
+    CAPTURE(windowed);
+    CHECK(bitwise_equal(got.window.o, got.causal.o));
+    CHECK(bitwise_equal(got.window.lse, got.causal.lse));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("attention pair forward equals two forwards and the float64 reference: windows across the tiles") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("attention pair forward");
+  const index_t lengths[] = {1, 7, 63, 65, 130, 300, 1000, index_t(2049 + 2 * rng.below(200))};
+  PairWorst worst;
+  int n = 0;
+  for (const index_t d_head : {64, 128, 40})
+    for (const index_t length : lengths) {
+      const std::int64_t windows[] = {1, 17, 64, 128, 129, 500, 512, std::int64_t(length + rng.below(3))};
+      const index_t group = n % 2 ? 3 : 1, kv_heads = length > 1000 ? 1 : 2;
+      for (const std::int64_t window : windows) {
+        if (length > 1000 && n++ % 2) continue;  // half of the long cases, to keep the run short
+        const Case c{length > 1000 ? 1 : index_t(1 + rng.below(2)), length, kv_heads * group, kv_heads, d_head};
+        check_pair(c, window, rng, worst);
+        ++n;
+      }
+    }
+  worst.report();
+}
+
+TEST_CASE("small shapes for the sanitizers: the pair forward") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("attention pair forward sanitizer");
+  PairWorst worst;
+  check_pair({1, 300, 2, 1, 64}, 129, rng, worst);
+  check_pair({1, 260, 4, 2, 128}, 128, rng, worst);
+  check_pair({2, 70, 2, 1, 128}, 17, rng, worst);
+  check_pair({1, 40, 2, 2, 24}, 9, rng, worst);
+  worst.report();
+}
+
 // Bad input: refused on the host, before any CUDA call, so these run without a device.
 namespace {
 
@@ -478,4 +601,89 @@ TEST_CASE("attention forward refuses a scale that is not finite and positive") {
   CHECK(test::contains(refusal(p), "scale = nan"));
   p.scale = 0;
   CHECK(test::contains(refusal(p), "scale = 0"));
+}
+
+namespace {
+
+attention::PairForwardParams valid_pair_params(Dummy& d, Dummy& w) {
+  const attention::ForwardParams f = valid_params(d);
+  attention::PairForwardParams p;
+  p.q = f.q;
+  p.k = f.k;
+  p.v = f.v;
+  p.o = f.o;
+  p.lse = f.lse;
+  p.window_o = w.o;
+  p.window_lse = w.lse;
+  p.q_strides = f.q_strides;
+  p.k_strides = f.k_strides;
+  p.v_strides = f.v_strides;
+  p.o_strides = p.window_o_strides = f.o_strides;
+  p.batch = f.batch;
+  p.length = f.length;
+  p.n_heads = f.n_heads;
+  p.n_kv_heads = f.n_kv_heads;
+  p.d_head = f.d_head;
+  p.scale = f.scale;
+  p.window = 4;
+  return p;
+}
+
+std::string pair_refusal(const attention::PairForwardParams& p) {
+  return test::error_of([&] { attention::pair_forward(p, nullptr); });
+}
+
+}  // namespace
+
+TEST_CASE("attention pair forward refuses a null pointer") {
+  Dummy d, w;
+  const std::pair<const char*, void (*)(attention::PairForwardParams&)> nulls[] = {
+      {"pair_forward: q is null", [](attention::PairForwardParams& p) { p.q = nullptr; }},
+      {"pair_forward: k is null", [](attention::PairForwardParams& p) { p.k = nullptr; }},
+      {"pair_forward: v is null", [](attention::PairForwardParams& p) { p.v = nullptr; }},
+      {"pair_forward: o is null", [](attention::PairForwardParams& p) { p.o = nullptr; }},
+      {"pair_forward: lse is null", [](attention::PairForwardParams& p) { p.lse = nullptr; }},
+      {"pair_forward: window_o is null", [](attention::PairForwardParams& p) { p.window_o = nullptr; }},
+      {"pair_forward: window_lse is null", [](attention::PairForwardParams& p) { p.window_lse = nullptr; }}};
+  for (const auto& [message, clear] : nulls) {
+    attention::PairForwardParams p = valid_pair_params(d, w);
+    clear(p);
+    CHECK(test::contains(pair_refusal(p), message));
+  }
+}
+
+TEST_CASE("attention pair forward refuses a window below 1") {
+  Dummy d, w;
+  attention::PairForwardParams p = valid_pair_params(d, w);
+  p.window = 0;
+  CHECK(test::contains(pair_refusal(p), "pair_forward: window = 0, expected >= 1"));
+}
+
+TEST_CASE("attention pair forward refuses bad sizes, scale and strides") {
+  Dummy d, w;
+  attention::PairForwardParams p = valid_pair_params(d, w);
+  p.n_heads = 6;
+  p.n_kv_heads = 4;
+  CHECK(test::contains(pair_refusal(p), "n_heads = 6 is not a multiple of n_kv_heads = 4"));
+  p = valid_pair_params(d, w);
+  p.d_head = 129;
+  CHECK(test::contains(pair_refusal(p), "d_head = 129, expected 1 ... 128"));
+  p = valid_pair_params(d, w);
+  p.length = 0;
+  CHECK(test::contains(pair_refusal(p), "length T = 0"));
+  p = valid_pair_params(d, w);
+  p.batch = 0;
+  CHECK(test::contains(pair_refusal(p), "batch = 0"));
+  p = valid_pair_params(d, w);
+  p.scale = 0;
+  CHECK(test::contains(pair_refusal(p), "scale = 0"));
+  p = valid_pair_params(d, w);
+  p.o_strides.token = 63;
+  CHECK(test::contains(pair_refusal(p), "pair_forward: o_strides.token = 63, expected >= 64"));
+  p = valid_pair_params(d, w);
+  p.window_o_strides.token = 63;
+  CHECK(test::contains(pair_refusal(p), "pair_forward: window_o_strides.token = 63, expected >= 64"));
+  p = valid_pair_params(d, w);
+  p.window_o_strides.batch = 8;
+  CHECK(test::contains(pair_refusal(p), "pair_forward: window_o_strides.batch = 8, expected >= 64"));
 }

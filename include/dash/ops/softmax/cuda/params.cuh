@@ -36,6 +36,23 @@ struct ForwardParams {
   Mask mask;
 };
 
+// Two forwards over the same q, k, v in one launch (pair_forward in forward.cuh): the causal
+// Softmax attention into o and lse, and the SlidingWindow attention of window W (no sinks)
+// into window_o (the layout of o, with its own strides) and window_lse [B, H, T].
+struct PairForwardParams {
+  const bfloat16* q = nullptr;
+  const bfloat16* k = nullptr;
+  const bfloat16* v = nullptr;
+  bfloat16* o = nullptr;
+  float* lse = nullptr;
+  bfloat16* window_o = nullptr;
+  float* window_lse = nullptr;
+  Strides q_strides, k_strides, v_strides, o_strides, window_o_strides;
+  int batch = 0, length = 0, n_heads = 0, n_kv_heads = 0, d_head = 0;
+  float scale = 0;  // usually 1/sqrt(d_head)
+  std::int64_t window = 0;  // W ≥ 1; W ≥ T makes both outputs causal
+};
+
 // dq, dk, dv have the layouts of q, k, v (with their own strides). `accumulate` adds the
 // gradients into what dq, dk, dv hold (MixedAttention sums over ops); otherwise they are
 // overwritten.

@@ -24,6 +24,21 @@
 // that TMA writes and wgmma reads: 16-byte chunk c of row r sits at chunk c ⊕ (r mod 8); a
 // 128-wide head is two such column blocks ("atoms"). Queries and keys past T are zeros from
 // TMA's out-of-bounds fill and never visible to a query i < T; rows past T are not stored.
+//
+// The pair forward (kPair) runs the causal walk and also writes the SlidingWindow output of
+// window W over the same q, k, v. Walking from the diagonal leftwards, a row i has seen all of
+// its window's keys [max(0, i − W + 1), i] once the walk reaches its edge tile
+// e_i = ⌊max(0, i − W + 1) / 128⌋. A warpgroup's edge tiles are at most two adjacent ones (its
+// 64 rows' edges span 64 keys); on each of them the tile is taken in two parts:
+//   in  (keys j ≥ i − W + 1): m, l, α and P from the in-window scores only, O += P_in V;
+//       the rows with e_i here then store O / l and λ·m + ln l as the window's output;
+//   out (keys j ≤ i − W):      m' = max(m, max s_out), α = 2^((m − m')·λ·log2 e), O ← α·O,
+//       P_out as the tile's P for the causal walk's P V, which goes on leftwards (computed
+//       while P_in V runs; O is rescaled once the window's output is out).
+// So the window's statistics never see an out-of-window score (its l cannot underflow under a
+// larger causal maximum), and the causal output is the same online softmax over the same
+// pairs, one tile taken in two steps. A warpgroup whose rows all have i < W (the window covers
+// every causal key) writes its causal output to both.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums; the encoder itself comes from the driver at run time
@@ -109,6 +124,15 @@ struct WorkItems {
   }
 };
 
+// The pair forward's window output: o [B, T, H, D] (16-byte aligned, strides multiples of 8
+// elements) and lse [B, H, T], for the window W clamped to T.
+struct WindowOutput {
+  bfloat16* o = nullptr;
+  Strides o_strides;
+  float* lse = nullptr;
+  int window = 0;
+};
+
 // kAlternate: the two consumers take turns issuing their products (named barriers 1 and 2),
 // so that one exponentiates while the other's products run, rather than both at once.
 //
@@ -118,12 +142,13 @@ struct WorkItems {
 // O += P V and exponentiated while that runs; then the current item's O is finished and
 // stored, and the next item's O starts from zero. A CTA running several items so pays the
 // pipeline's fill and drain once, not once per item.
-template <int kHeadDim, int kQStages, bool kAlternate>
+// kPair: the causal walk (params.mask causal) also writes `window`'s output (see the top).
+template <int kHeadDim, int kQStages, bool kAlternate, bool kPair = false>
 __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
     forward_hopper_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                           const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                           const ForwardParams params,
-                          const VisibleKeys mask) {
+                          const VisibleKeys mask, const WindowOutput window) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace ptx;
   using Tile = HopperTile<kHeadDim, kQStages>;
@@ -313,8 +338,70 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
     }
     stored_slot = -1;
   };
+  // The pair forward's window output of this thread's rows r with store[r] (rows past T never),
+  // straight from registers: a quad holds 2 of every 8 columns of its row; a 4 × 4 transpose
+  // over the quad per 32 columns gives each thread 8 adjacent columns, one 16-byte store.
+  const auto store_window_rows = [&](const Item& item, const float (&inverse_sum)[2], const float (&lse)[2],
+                                     const bool (&store)[2]) {
+    const int row = item.q0 + row_in_block, quad_lane = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool stored = store[r] && row + 8 * r < length;
+      if (stored && quad_lane == 0)
+        window.lse[(std::int64_t(item.batch) * params.n_heads + item.head) * length + row + 8 * r] = lse[r];
+      bfloat16* const out = window.o + std::int64_t(item.batch) * window.o_strides.batch +
+                            std::int64_t(row + 8 * r) * window.o_strides.token + item.head * kHeadDim;
+#pragma unroll
+      for (int g = 0; g < kHeadDim / 32; ++g) {
+        std::uint32_t a[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          a[u] = pack_bf16x2(o[4 * (4 * g + u) + 2 * r] * inverse_sum[r], o[4 * (4 * g + u) + 2 * r + 1] * inverse_sum[r]);
+        // Swap the 2 × 2 blocks across lanes t, t ^ 2, then the pairs within them across t, t ^ 1:
+        // afterwards a[u] holds columns 2u, 2u + 1 of fragment 4g + quad_lane.
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const bool high = quad_lane & 2;
+          const std::uint32_t other = __shfl_xor_sync(0xffffffffu, high ? a[u] : a[2 + u], 2);
+          if (high) a[u] = other; else a[2 + u] = other;
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const bool odd = quad_lane & 1;
+          const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? a[2 * u] : a[2 * u + 1], 1);
+          if (odd) a[2 * u] = other; else a[2 * u + 1] = other;
+        }
+        if (stored) *reinterpret_cast<uint4*>(out + 8 * (4 * g + quad_lane)) = make_uint4(a[0], a[1], a[2], a[3]);
+      }
+    }
+  };
+  // The pair forward: the first row of this warpgroup and its last row below T; none of its rows
+  // is below T when last < first.
+  const auto window_rows = [&](const Item& item, int& first, int& last) {
+    first = item.q0 + 64 * consumer;
+    last = min(first + 63, length - 1);
+  };
+  // Whether this warpgroup's rows all see their whole causal range in the window.
+  const auto window_covers = [&](const Item& item) {
+    int first, last;
+    window_rows(item, first, last);
+    return last < window.window;
+  };
+  // The pair forward: whether tile j of `item` is an edge tile of this warpgroup's rows.
+  const auto edge_tile = [&](const Item& item, int j) {
+    int first, last;
+    window_rows(item, first, last);
+    if (last < first || last < window.window) return false;  // no row below T, or covered
+    const int n = item.tiles[j];
+    return max(0, first - window.window + 1) / kBlockN <= n && n <= (last - window.window + 1) / kBlockN;
+  };
   const auto store_item = [&](const Item& item, const float (&inverse_sum)[2], const float (&lse)[2]) {
     const int row = item.q0 + row_in_block;  // this thread's first query; the second is row + 8
+    if constexpr (kPair)
+      if (window_covers(item)) {
+        const bool all[2] = {true, true};
+        store_window_rows(item, inverse_sum, lse, all);
+      }
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       if (lane % 4 == 0 && row + 8 * r < length)
@@ -340,6 +427,48 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
     stored_slot = slot;
   };
 
+  // The pair forward's edge tile j of `item` (scores in s, O ready and no product in flight,
+  // visit `visit` of the key stream): the in-window part, the window's output of the rows whose
+  // edge tile it is, then the out-of-window part as the tile's P for the causal walk. The
+  // in-window P V is issued outside the consumers' turns: the other consumer may have no edge
+  // tile at this step.
+  const auto split_edge_tile = [&](const Item& item, int j, int visit) {
+    const int n = item.tiles[j];
+    const int row = item.q0 + row_in_block, key = n * kBlockN + 2 * (lane % 4);
+    int first[2], last[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      last[r] = row + 8 * r - key;
+      first[r] = last[r] - window.window + 1;
+    }
+    softmax.update_range<kBlockN / 8>(s, first, last, scale_log2, alpha, p);
+    rescale_rows<kHeadDim / 8>(o, alpha);
+    mbarrier_wait(v_full(VRing::slot(visit)), VRing::parity(visit));
+    issue_values(visit);
+    float inverse_sum[2], lse[2];
+    softmax.finish(params.scale, inverse_sum, lse);
+    // The out-of-window part (columns up to first − 1) in place in s, while that P V runs.
+#pragma unroll
+    for (int f = 0; f < kBlockN / 8; ++f)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = s[4 * f + 2 * r + c];
+          x = 8 * f + c < first[r] ? x : minus_infinity;
+        }
+    softmax.update<kBlockN / 8>(s, scale_log2, alpha);
+    wgmma_wait<0>();
+    fence_registers(o);
+    fence_registers(p);
+    bool edge_here[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) edge_here[r] = max(0, row + 8 * r - window.window + 1) / kBlockN == n;
+    store_window_rows(item, inverse_sum, lse, edge_here);
+    rescale_rows<kHeadDim / 8>(o, alpha);
+    scores_to_operand();
+  };
+
   if constexpr (kAlternate)
     if (consumer == 1) named_barrier_arrive(1, 256);
 
@@ -359,8 +488,12 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
   wgmma_wait<0>();
   fence_registers(s);
   release(k_empty(KRing::slot(0)));
-  softmax_tile(item, 0);
-  scores_to_operand();
+  if (kPair && edge_tile(item, 0)) {
+    split_edge_tile(item, 0, 0);
+  } else {
+    softmax_tile(item, 0);
+    scores_to_operand();
+  }
   const auto step = [&](auto next_item, const Item& next, int next_j) {
     constexpr bool kNextItem = decltype(next_item)::value;
     if constexpr (kNextItem) {
@@ -383,7 +516,9 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
     wgmma_wait<1>();  // the scores of visit it + 1 are ready; P V of visit it may still run
     fence_registers(s);
     release(k_empty(KRing::slot(it + 1)));
-    softmax_tile(next, next_j);
+    // An edge tile of the pair forward waits for O (its in-window part adds to it).
+    const bool edge = kPair && edge_tile(next, next_j);
+    if (!edge) softmax_tile(next, next_j);
     wgmma_wait<0>();
     fence_registers(o);
     fence_registers(p);
@@ -393,10 +528,13 @@ __global__ void __launch_bounds__(HopperTile<kHeadDim, kQStages>::kThreads, 1)
       store_item(item, inverse_sum, lse);
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
-    } else {
+    } else if (!edge) {
       rescale_rows<kHeadDim / 8>(o, alpha);
     }
-    scores_to_operand();
+    if (edge)
+      split_edge_tile(next, next_j, it);
+    else
+      scores_to_operand();
   };
   while (true) {
     for (int j = 1; j < item.tiles.count(); ++j) step(std::false_type{}, item, j);
@@ -448,9 +586,10 @@ inline CUtensorMap head_tile_map(const bfloat16* base, const Strides& strides, i
 template <int kHeadDim>
 inline constexpr bool alternate_consumers = kHeadDim == 64;
 
-// Launches forward_hopper_kernel<kHeadDim, kQStages, kAlternate> on `ctas` CTAs.
-template <int kHeadDim, int kQStages, bool kAlternate>
-void launch_forward_hopper_ctas(const ForwardParams& params, const VisibleKeys& mask, int ctas, cudaStream_t stream) {
+// Launches forward_hopper_kernel<kHeadDim, kQStages, kAlternate, kPair> on `ctas` CTAs.
+template <int kHeadDim, int kQStages, bool kAlternate, bool kPair>
+void launch_forward_hopper_ctas(const ForwardParams& params, const VisibleKeys& mask, const WindowOutput& window,
+                                int ctas, cudaStream_t stream) {
   using Tile = HopperTile<kHeadDim, kQStages>;
   const CUtensorMap q_map = head_tile_map(params.q, params.q_strides, params.batch, params.length, params.n_heads,
                                           kHeadDim, Tile::kBlockM, "q");
@@ -461,23 +600,24 @@ void launch_forward_hopper_ctas(const ForwardParams& params, const VisibleKeys& 
   // o is stored by each consumer warpgroup, 64 rows at a time.
   const CUtensorMap o_map = head_tile_map(params.o, params.o_strides, params.batch, params.length, params.n_heads,
                                           kHeadDim, 64, "o");
-  const auto kernel = forward_hopper_kernel<kHeadDim, kQStages, kAlternate>;
+  const auto kernel = forward_hopper_kernel<kHeadDim, kQStages, kAlternate, kPair>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSharedBytes),
         "attention::forward: cudaFuncSetAttribute (Hopper kernel shared memory)");
-  kernel<<<ctas, Tile::kThreads, Tile::kSharedBytes, stream>>>(q_map, k_map, v_map, o_map, params, mask);
+  kernel<<<ctas, Tile::kThreads, Tile::kSharedBytes, stream>>>(q_map, k_map, v_map, o_map, params, mask, window);
   check(cudaGetLastError(), "attention::forward: Hopper kernel launch");
 }
 
 // Launches the Hopper kernel on at most `max_ctas` CTAs, each taking one item per gridDim.x:
 // with two q buffers where a CTA takes several, with one (and, at d_head 128, a deeper v ring)
-// otherwise.
-template <int kHeadDim, bool kAlternate>
-void launch_forward_hopper(const ForwardParams& params, const VisibleKeys& mask, int max_ctas, cudaStream_t stream) {
+// otherwise. With kPair, params.mask is causal and `window` receives the window's output.
+template <int kHeadDim, bool kAlternate, bool kPair = false>
+void launch_forward_hopper(const ForwardParams& params, const VisibleKeys& mask, int max_ctas, cudaStream_t stream,
+                           const WindowOutput& window = {}) {
   const WorkItems<HopperTile<kHeadDim, 1>::kBlockM> work(params);
   if (work.count > max_ctas)
-    launch_forward_hopper_ctas<kHeadDim, 2, kAlternate>(params, mask, max_ctas, stream);
+    launch_forward_hopper_ctas<kHeadDim, 2, kAlternate, kPair>(params, mask, window, max_ctas, stream);
   else
-    launch_forward_hopper_ctas<kHeadDim, 1, kAlternate>(params, mask, work.count, stream);
+    launch_forward_hopper_ctas<kHeadDim, 1, kAlternate, kPair>(params, mask, window, work.count, stream);
 }
 
 }  // namespace dash::cuda::attention::detail

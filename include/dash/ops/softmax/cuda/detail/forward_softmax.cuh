@@ -10,9 +10,11 @@
 //   l' = α·l + Σ_j p_j,       acc' = α·acc + Σ_j p_j v_j,
 // and at the end o = acc / l, lse = λ·m + ln l. A row that has seen no visible key keeps
 // m = −∞ and l = 0: its exponent base is taken as 0 so that no −∞ − (−∞) appears, which
-// gives α = 0 and p = 0.
+// gives α = 0 and p = 0. A tile whose pairs of a row are all hidden leaves that row as it
+// was: m' = m, α = 1, p = 0.
 #pragma once
 
+#include <cstdint>
 #include <limits>
 
 #include "dash/core/cuda/numeric.cuh"
@@ -92,6 +94,67 @@ struct OnlineSoftmax {
         x0 = ptx::fast_exp2(fmaf(x0, scale_log2, -base[r]));
         x1 = ptx::fast_exp2(fmaf(x1, scale_log2, -base[r]));
         partial[r][f % kChains] += x0 + x1;
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = partial[r][0];
+#pragma unroll
+      for (int i = 1; i < kChains; ++i) sum += partial[r][i];
+      row_sum[r] = row_sum[r] * rescale[r] + sum;
+    }
+  }
+
+  // The same update over the columns [first[r], last[r]] of each row r only (columns counted
+  // as in hide_masked, from the thread's column 0 of fragment 0), the others hidden, with p
+  // written packed as the A operand of P V (p[2f + r] holds columns 8f, 8f + 1 of the thread)
+  // and s left as it is, so that the tile's other columns can still be used afterwards.
+  template <int kFragments>
+  __device__ __forceinline__ void update_range(const float (&s)[4 * kFragments], const int (&first)[2],
+                                               const int (&last)[2], float scale_log2, float (&rescale)[2],
+                                               std::uint32_t (&p)[2 * kFragments]) {
+    constexpr int kChains = kFragments >= 4 ? 4 : kFragments;
+    const auto visible = [&](int r, int f, int c) {
+      const int j = 8 * f + c;
+      return (j >= first[r]) & (j <= last[r]);
+    };
+    float partial[2][kChains];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int i = 0; i < kChains; ++i) partial[r][i] = minus_infinity;
+#pragma unroll
+    for (int f = 0; f < kFragments; ++f)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          partial[r][f % kChains] =
+              fmaxf(partial[r][f % kChains], visible(r, f, c) ? s[4 * f + 2 * r + c] : minus_infinity);
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = partial[r][0];
+#pragma unroll
+      for (int i = 1; i < kChains; ++i) tile_max = fmaxf(tile_max, partial[r][i]);
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float new_max = fmaxf(row_max[r], tile_max);
+      base[r] = new_max == minus_infinity ? 0.f : new_max * scale_log2;
+      rescale[r] = ptx::fast_exp2(row_max[r] * scale_log2 - base[r]);
+      row_max[r] = new_max;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int i = 0; i < kChains; ++i) partial[r][i] = 0.f;
+#pragma unroll
+    for (int f = 0; f < kFragments; ++f)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float x0 = visible(r, f, 0) ? ptx::fast_exp2(fmaf(s[4 * f + 2 * r], scale_log2, -base[r])) : 0.f;
+        const float x1 = visible(r, f, 1) ? ptx::fast_exp2(fmaf(s[4 * f + 2 * r + 1], scale_log2, -base[r])) : 0.f;
+        partial[r][f % kChains] += x0 + x1;
+        p[2 * f + r] = ptx::pack_bf16x2(x0, x1);
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
