@@ -4,10 +4,11 @@
 // or its activations kept from the forward (Activations). Random bf16 weights (speed does not
 // depend on the values), π uniform, every operator run, one stream.
 //
-// Reports the median ms per step over CUDA-event timings, tokens/s, and in a timing mode (CUDA
-// events around every GEMM and every other launch group of one step) where the time goes, and
-// the GEMMs' achieved TFLOP/s against the same process's cuBLASLt rate on an 8192³ bf16
-// product; the fused loss (whose GEMMs run inside lm_loss: two logit products and d_hidden) is
+// Reports the median ms per step over CUDA-event timings (enqueued launch by launch, and replayed
+// as one CUDA graph as the search runs it), tokens/s, and in a timing mode (CUDA events around
+// every GEMM and every other launch group of one step) where the time goes, and the GEMMs'
+// achieved TFLOP/s against the same process's cuBLASLt rate on an 8192³ bf16 product; the
+// fused loss (whose GEMMs run inside lm_loss: two logit products and d_hidden) is
 // timed as one region. Device memory is what the process holds after the steps.
 //
 //   gpu_search_step [smollm2|qwen3b|all] [batch] [length] [recomputed|kept|both] [fastest|heuristic]
@@ -140,6 +141,18 @@ void run(const std::string& name, index_t B, index_t T, cm::Activations activati
   }
   std::sort(ms.begin(), ms.end());
   const double step_ms = ms[ms.size() / 2];
+  // The same steps replayed as one CUDA graph (what the search's kl_and_gradient runs).
+  const auto replayed = [&] { model.replayed_step(ids_device.data(), B, T, pi_device.data(), run, stream); };
+  for (int i = 0; i < 2; ++i) replayed();
+  std::vector<float> replayed_ms;
+  for (int i = 0; i < 10; ++i) {
+    dash::cuda::check(cudaEventRecord(start, stream), "record");
+    replayed();
+    dash::cuda::check(cudaEventRecord(stop, stream), "record");
+    dash::cuda::check(cudaEventSynchronize(stop), "sync");
+    replayed_ms.push_back(elapsed(start, stop));
+  }
+  std::sort(replayed_ms.begin(), replayed_ms.end());
   float loss[2];
   dash::cuda::check(cudaMemcpy(loss, model.loss(), sizeof(loss), cudaMemcpyDeviceToHost), "copy loss");
 
@@ -183,6 +196,8 @@ void run(const std::string& name, index_t B, index_t T, cm::Activations activati
   std::printf("  %-34s %10.2f ms  (min %.2f, max %.2f, 10 steps)\n", "step (median)", step_ms, double(ms.front()),
               double(ms.back()));
   std::printf("  %-34s %10.0f\n", "tokens/s", double(B * T) / (step_ms * 1e-3));
+  std::printf("  %-34s %10.2f ms  (min %.2f, max %.2f, 10 steps)\n", "step replayed as a graph (median)",
+              double(replayed_ms[replayed_ms.size() / 2]), double(replayed_ms.front()), double(replayed_ms.back()));
   std::printf("  %-34s %10.2f ms  (%.0f%% of the timed step, %.2f ms)\n", "GEMMs outside the loss, sum", gemm_ms,
               100 * gemm_ms / timed_step_ms, timed_step_ms);
   std::printf("  %-34s %10.1f TF/s = %.0f%% of the 8192^3 rate %.1f\n", "GEMMs outside the loss, achieved", tflops,

@@ -564,7 +564,8 @@ TEST_CASE("gla q, k, v and dq, dk, dv as rows of fused buffers equal dense tenso
 TEST_CASE("gla small shapes: forward, backward, decode (sanitizer subset)") {
   if (!test::gpu_available()) return;
   Rng rng = test::rng_for("gla small");
-  for (const Layout& L : {Layout{1, 65, 3, 1, 40, 1}, Layout{1, 9, 2, 2, 13, 16}}) {
+  // Width 128 with GQA and a partial last chunk as well.
+  for (const Layout& L : {Layout{1, 65, 3, 1, 40, 1}, Layout{1, 9, 2, 2, 13, 16}, Layout{1, 130, 2, 1, 128, 1}}) {
     describe(L);
     const Case c(L, rng);
     const Outputs got = gpu_forward(c, c.s0_d.data()), want = reference_forward(c, true);

@@ -7,7 +7,7 @@
 //
 // Identities: a one-hot π on Softmax in every layer is the teacher (KL = 0 up to rounding, and
 // dL/dπ = 0 for every operator not run); kl_and_gradient (the SearchModel contract) equals the
-// asynchronous step() it wraps.
+// asynchronous step() it wraps, also where it replays the step as a CUDA graph.
 //
 // Tolerances (relative; L2 for vectors) are tied to bf16 and to how well-conditioned each output
 // is. Weights are the same bf16 values on both sides; the difference is the bf16 rounding of
@@ -341,6 +341,46 @@ TEST_CASE("search step: kl_and_gradient (the SearchModel contract) equals step()
   CHECK(relative_l2(grad, step.grad) <= test::fp32_tolerance);
   CHECK(grad[1] == 0);
   check_step("through kl_and_gradient", step, ref, batch, mixture);
+}
+
+TEST_CASE("search step: kl_and_gradient replayed as a CUDA graph equals the eager step") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("search step replay");
+  model::Config c = test::random_config(rng);
+  c.n_layers = 2, c.d_head = 64, c.n_heads = 4, c.n_kv_heads = 2, c.d_model = 128, c.d_ff = 192, c.vocab_size = 300;
+  const model::Weights<double> w = model::Weights<double>::random(c, rng);
+  const test::SearchReference ref =
+      test::make_search_reference(c, w, rng, SlidingWindow<>(1 + index_t(rng.below(70))), GatedLinear{}, GatedDeltaNet{});
+  const index_t B = 2, T = 65 + index_t(rng.below(70));
+  DeviceModel device(ref.exact, B * T, T, cm::Activations::kept);
+  const auto same = [](double kl, const std::vector<double>& grad, const GpuStep& want) {
+    // Equal up to the order of fp32 atomic reductions (attention's dq).
+    CHECK(std::abs(kl - want.kl) <= test::fp32_tolerance * std::abs(want.kl));
+    CHECK(relative_l2(grad, want.grad) <= test::fp32_tolerance);
+  };
+  // Eager, captured, then replayed three times with new ids and weights: each against step().
+  search::Mixture mixture = random_mixture(c.n_layers, 4, rng);
+  for (int call = 0; call < 5; ++call) {
+    const std::vector<int> ids = test::random_ids(rng, B * T, c.vocab_size);
+    const model::TokenBatch batch{ids, B, T};
+    if (call >= 2)
+      for (std::size_t e = 0; e < mixture.weights.size(); ++e) mixture.weights[e] = rng.uniform(0.05, 1.0);
+    const double kl = device.kl_and_gradient(batch, mixture);
+    const std::vector<double> grad = mixture.grad;
+    const GpuStep want = gpu_step(device, batch, mixture);
+    MESSAGE("call ", call, ": KL ", kl, " vs step ", want.kl, ", dL/dpi ", relative_l2(grad, want.grad));
+    same(kl, grad, want);
+  }
+  // Other run flags: another graph, whose first call is eager again.
+  mixture.weights[2] = 0, mixture.run[2] = 0;
+  const std::vector<int> ids = test::random_ids(rng, B * T, c.vocab_size);
+  const model::TokenBatch batch{ids, B, T};
+  for (int call = 0; call < 3; ++call) {
+    const double kl = device.kl_and_gradient(batch, mixture);
+    const std::vector<double> grad = mixture.grad;
+    CHECK(grad[2] == 0);
+    same(kl, grad, gpu_step(device, batch, mixture));
+  }
 }
 
 TEST_CASE("search step with every layer's activations kept equals the step that recomputes them") {

@@ -13,8 +13,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -101,23 +103,64 @@ class DeviceTensor {
   T* data_ = nullptr;
 };
 
+// Host float or double values, rounded to bf16 (nearest even) on all cores, copied to the
+// device as `rows` rows of `cols` values placed `pitch` elements apart from `dst` on: the
+// whole of a matrix (pitch = cols), or a block of columns of a wider one. A 3B model's weights
+// are gigabytes, so the rounding buffer is written before it is read rather than zeroed first.
+template <class T>
+  requires(std::is_same_v<T, float> || std::is_same_v<T, double>)
+void copy_to_device_bf16(const T* host, index_t rows, index_t cols, bfloat16* dst, index_t pitch) {
+  require(cols <= pitch, "copy_to_device_bf16: rows of ", cols, " values ", pitch, " apart");
+  const std::size_t count = std::size_t(rows) * std::size_t(cols);
+  if (count == 0) return;
+  const auto rounded = std::make_unique_for_overwrite<std::uint16_t[]>(count);
+  parallel_for(index_t(count), index_t(1) << 20, [&](index_t begin, index_t end) {
+    for (index_t i = begin; i < end; ++i) rounded[std::size_t(i)] = bf16(static_cast<float>(host[i])).bits;
+  });
+  const std::size_t row_bytes = sizeof(std::uint16_t) * std::size_t(cols);
+  check(cudaMemcpy2D(dst, sizeof(bfloat16) * std::size_t(pitch), rounded.get(), row_bytes, row_bytes,
+                     std::size_t(rows), cudaMemcpyHostToDevice),
+        "cudaMemcpy2D to device");
+}
+
 // bf16 copy on the device of a host float or double tensor, rounded to nearest even.
 template <class T>
   requires(std::is_same_v<T, float> || std::is_same_v<T, double>)
 DeviceTensor<bfloat16> to_device_bf16(TensorView<const T> host) {
   require_host(host, "to_device_bf16: source");
   require(host.contiguous(), "to_device_bf16: source must be contiguous");
-  // Rounded on all cores into a buffer that is written before it is read (a 3B model's weights
-  // are gigabytes: zeroing them first, on one core, would take longer than the copy).
-  const auto rounded = std::make_unique_for_overwrite<std::uint16_t[]>(std::size_t(host.numel()));
-  parallel_for(host.numel(), index_t(1) << 20, [&](index_t begin, index_t end) {
-    for (index_t i = begin; i < end; ++i) rounded[std::size_t(i)] = bf16(static_cast<float>(host.data[i])).bits;
-  });
   DeviceTensor<bfloat16> d(host.shape);
-  if (d.numel() > 0)
-    check(cudaMemcpy(d.data(), rounded.get(), sizeof(std::uint16_t) * std::size_t(d.numel()), cudaMemcpyHostToDevice),
-          "cudaMemcpy to device");
+  copy_to_device_bf16(host.data, 1, host.numel(), d.data(), host.numel());
   return d;
+}
+
+// The parts one after the other along their first dimension (rank 1, or rank 2 of one row
+// width), then zero rows up to `rows` in all, as one bf16 device tensor: stacked projection
+// weights that one GEMM reads.
+template <class T>
+  requires(std::is_same_v<T, float> || std::is_same_v<T, double>)
+DeviceTensor<bfloat16> stacked_to_device_bf16(const std::vector<std::reference_wrapper<const Tensor<T>>>& parts,
+                                              index_t rows = 0) {
+  require(!parts.empty(), "stacked_to_device_bf16: no parts");
+  const Tensor<T>& first = parts.front().get();
+  const index_t width = first.rank() == 1 ? 1 : first.dim(1);
+  index_t filled = 0;
+  for (const Tensor<T>& p : parts) {
+    require(p.rank() == first.rank() && (p.rank() == 1 || p.dim(1) == width),
+            "stacked_to_device_bf16: parts of different widths");
+    filled += p.dim(0);
+  }
+  rows = std::max(rows, filled);
+  DeviceTensor<bfloat16> out(first.rank() == 1 ? Shape{rows} : Shape{rows, width});
+  if (rows > filled)
+    check(cudaMemset(out.data() + filled * width, 0, sizeof(bfloat16) * std::size_t((rows - filled) * width)),
+          "cudaMemset (stacked padding)");
+  bfloat16* at = out.data();
+  for (const Tensor<T>& p : parts) {
+    copy_to_device_bf16(p.data(), 1, p.numel(), at, p.numel());
+    at += p.numel();
+  }
+  return out;
 }
 
 // A device tensor of bf16 or float, widened to double on the host.

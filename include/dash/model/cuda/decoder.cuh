@@ -82,11 +82,11 @@ class DeviceDecoder {
     for (const dash::model::LayerWeights<T>& w : weights.layers) {
       Layer layer;
       layer.attn_norm = to_device_bf16<T>(w.attn_norm.view());
-      layer.w_qkv = stacked<T>({w.attention.wq, w.attention.wk, w.attention.wv});
-      if (config.qkv_bias) layer.b_qkv = stacked<T>({w.attention.bq, w.attention.bk, w.attention.bv});
+      layer.w_qkv = stacked_to_device_bf16<T>({w.attention.wq, w.attention.wk, w.attention.wv});
+      if (config.qkv_bias) layer.b_qkv = stacked_to_device_bf16<T>({w.attention.bq, w.attention.bk, w.attention.bv});
       layer.w_o = to_device_bf16<T>(w.attention.wo.view());
       layer.mlp_norm = to_device_bf16<T>(w.mlp_norm.view());
-      layer.w_gate_up = stacked<T>({w.w_gate, w.w_up});
+      layer.w_gate_up = stacked_to_device_bf16<T>({w.w_gate, w.w_up});
       layer.w_down = to_device_bf16<T>(w.w_down.view());
       layers_.push_back(std::move(layer));
     }
@@ -261,19 +261,6 @@ class DeviceDecoder {
     carve(buffers_.mlp, rows * d_ff, "swiglu output");
     carve(buffers_.gemm, gemm_.workspace_bytes(), "gemm workspace");
     carve(buffers_.loss, loss_bytes_, "lm loss workspace");
-  }
-
-  // The rows of the given host tensors stacked into one bf16 device tensor ([Σ rows] or
-  // [Σ rows, cols]).
-  template <class T>
-  static DeviceTensor<bfloat16> stacked(std::initializer_list<std::reference_wrapper<const Tensor<T>>> parts) {
-    const Tensor<T>& first = parts.begin()->get();
-    index_t rows = 0;
-    for (const Tensor<T>& p : parts) rows += p.dim(0);
-    Tensor<T> out(first.rank() == 1 ? Shape{rows} : Shape{rows, first.dim(1)});
-    T* at = out.data();
-    for (const Tensor<T>& p : parts) at = std::copy(p.data(), p.data() + p.numel(), at);
-    return to_device_bf16<T>(out.view());
   }
 
   void validate_batch(const char* what, const int* ids, index_t batch, index_t length) const {

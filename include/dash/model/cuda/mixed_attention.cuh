@@ -342,15 +342,14 @@ class DeviceMixedAttention {
     const AttentionShape& s = shape_;
     q_dim_ = s.q_dim(), kv_dim_ = s.kv_dim(), qkv_width_ = q_dim_ + 2 * kv_dim_;
     const AttentionWeights<T>& teacher = mixer.teacher();
-    w_qkv_ = stacked<T>({teacher.wq, teacher.wk, teacher.wv});
-    if (s.qkv_bias) b_qkv_ = stacked<T>({teacher.bq, teacher.bk, teacher.bv});
+    w_qkv_ = stacked_to_device_bf16<T>({teacher.wq, teacher.wk, teacher.wv});
+    if (s.qkv_bias) b_qkv_ = stacked_to_device_bf16<T>({teacher.bq, teacher.bk, teacher.bv});
 
     // [Wo | Wo_own_1 | …] as [d, (1 + n_own)·q_dim]; the π-scaled [π_1·Wo_1 | …] is refreshed per step.
     const index_t d = s.d_model, blocks = 1 + n_own;
-    Tensor<T> w_cat(Shape{d, blocks * q_dim_});
+    w_cat_ = DeviceTensor<bfloat16>(Shape{d, blocks * q_dim_});
     const auto put_block = [&](const Tensor<T>& wo, index_t block) {
-      for (index_t r = 0; r < d; ++r)
-        std::copy_n(wo.data() + r * q_dim_, q_dim_, w_cat.data() + r * blocks * q_dim_ + block * q_dim_);
+      copy_to_device_bf16(wo.data(), d, q_dim_, w_cat_.data() + block * q_dim_, blocks * q_dim_);
     };
     put_block(teacher.wo, 0);
     int shared = 0, own = 0;
@@ -382,7 +381,6 @@ class DeviceMixedAttention {
         ++own;
       }
     });
-    w_cat_ = to_device_bf16<T>(w_cat.view());
     w_scaled_ = DeviceTensor<bfloat16>(Shape{d, index_t(n_ops) * q_dim_});
   }
 
@@ -477,10 +475,7 @@ class DeviceMixedAttention {
                b_qkv_.data(), b.qkv, qkv_width_, DType::bf16, false, c.stream);
       timed(c.linear.timer, "rope", c.stream,
             [&] { rotate(c, b.qkv, b.qkv + q_dim_, shape_.n_heads, shape_.n_kv_heads, qkv_width_, false); });
-      for (int i = 0; i < n_ops; ++i)
-        if (runs[std::size_t(i)] && is_shared(i))
-          timed(c.linear.timer, "attention forward", c.stream,
-                [&] { attention::forward(attention_params(c, i), c.stream); });
+      timed(c.linear.timer, "attention forward", c.stream, [&] { shared_forward(c, runs); });
       const index_t shared_stride = index_t(n_shared) * q_dim_;
       if (teacher) {
         const int s = info_[std::size_t(softmax_index())].slot;
@@ -684,20 +679,6 @@ class DeviceMixedAttention {
     }
   }
 
-  // The parts one after the other along their first dimension, then zero rows up to `rows` in all.
-  template <class T>
-  static DeviceTensor<bfloat16> stacked(const std::vector<std::reference_wrapper<const Tensor<T>>>& parts,
-                                        index_t rows = 0) {
-    const Tensor<T>& first = parts.begin()->get();
-    index_t filled = 0;
-    for (const Tensor<T>& p : parts) filled += p.dim(0);
-    rows = std::max(rows, filled);
-    Tensor<T> out(first.rank() == 1 ? Shape{rows} : Shape{rows, first.dim(1)}, T(0));
-    T* at = out.data();
-    for (const Tensor<T>& p : parts) at = std::copy(p.data(), p.data() + p.numel(), at);
-    return to_device_bf16<T>(out.view());
-  }
-
   template <class T>
   void upload_own(OwnOp& o, const AttentionWeights<T>& proj,
                   std::initializer_list<std::reference_wrapper<const Tensor<T>>> gate_weights,
@@ -709,8 +690,8 @@ class DeviceMixedAttention {
     std::vector<std::reference_wrapper<const Tensor<T>>> rows{std::cref(proj.wq), std::cref(proj.wk),
                                                               std::cref(proj.wv)};
     rows.insert(rows.end(), gate_weights.begin(), gate_weights.end());
-    o.w_in = stacked<T>(rows, o.in_width);
-    if (shape_.qkv_bias) o.b_in = stacked<T>({std::cref(proj.bq), std::cref(proj.bk), std::cref(proj.bv)}, o.in_width);
+    o.w_in = stacked_to_device_bf16<T>(rows, o.in_width);
+    if (shape_.qkv_bias) o.b_in = stacked_to_device_bf16<T>({std::cref(proj.bq), std::cref(proj.bk), std::cref(proj.bv)}, o.in_width);
     // The biases as the device's bf16 weights would hold them, kept in fp32 for the gate kernel.
     Tensor<float> bias(Shape{index_t(gate_biases.size()) * o.gates});
     float* at = bias.data();
@@ -730,6 +711,31 @@ class DeviceMixedAttention {
     r.inverse = inverse;
     r.table = c.rope;
     rope(r, c.stream);
+  }
+
+  // The shared operators that run: a causal Softmax beside a window without sinks as one pass
+  // over q, k, v (attention::pair_forward), anything else one forward each.
+  void shared_forward(const MixerContext& c, const OpMask& runs) const {
+    std::array<attention::ForwardParams, max_mixture_terms> a{};
+    int n = 0;
+    for (int i = 0; i < n_ops; ++i)
+      if (runs[std::size_t(i)] && is_shared(i)) a[std::size_t(n++)] = attention_params(c, i);
+    if (n == 2) {
+      if (a[0].mask.window < c.length) std::swap(a[0], a[1]);
+      const attention::ForwardParams &causal = a[0], &window = a[1];
+      if (causal.mask.window >= c.length && causal.mask.sinks == 0 && window.mask.sinks == 0) {
+        attention::PairForwardParams p;
+        p.q = causal.q, p.k = causal.k, p.v = causal.v, p.o = causal.o, p.lse = causal.lse;
+        p.window_o = window.o, p.window_lse = window.lse;
+        p.q_strides = causal.q_strides, p.k_strides = causal.k_strides, p.v_strides = causal.v_strides;
+        p.o_strides = causal.o_strides, p.window_o_strides = window.o_strides;
+        p.batch = causal.batch, p.length = causal.length, p.n_heads = causal.n_heads;
+        p.n_kv_heads = causal.n_kv_heads, p.d_head = causal.d_head, p.scale = causal.scale;
+        p.window = window.mask.window;
+        return attention::pair_forward(p, c.stream);
+      }
+    }
+    for (int t = 0; t < n; ++t) attention::forward(a[std::size_t(t)], c.stream);
   }
 
   // The shared operators that ran, as one mixture backward: the gradient d of their weighted

@@ -22,7 +22,8 @@
 //
 // step() enqueues all of it on the caller's stream from device ids and π without synchronising;
 // kl_and_gradient() is the SearchModel contract (search/mixture.hpp): it checks the batch and
-// the mixture on the host, uploads ids and π, runs step() on the model's stream and copies the
+// the mixture on the host, uploads ids and π, runs step() on the model's stream (replayed as
+// one CUDA graph from the second step of the same batch shape and run flags on) and copies the
 // loss and dL/dπ back (one synchronisation per step). Mixture semantics are the CPU's: weights
 // are π, run masks say which operators run (one not run must have weight 0), dL/dπ is 0 for
 // an operator that did not run. The teacher is causal softmax attention in every layer, as on
@@ -52,6 +53,7 @@
 #include <vector>
 
 #include "dash/core/cuda.hpp"
+#include "dash/core/cuda/replay.cuh"
 #include "dash/core/error.hpp"
 #include "dash/mixed_attention.hpp"
 #include "dash/model/config.hpp"
@@ -112,7 +114,7 @@ class DeviceSearchModel {
       Layer layer{Mixer(decoder.mixers()[std::size_t(l)])};
       layer.attn_norm = to_device_bf16<T>(lw.attn_norm.view());
       layer.mlp_norm = to_device_bf16<T>(lw.mlp_norm.view());
-      layer.w_gate_up = stacked<T>({lw.w_gate, lw.w_up});
+      layer.w_gate_up = stacked_to_device_bf16<T>({lw.w_gate, lw.w_up});
       layer.w_down = to_device_bf16<T>(lw.w_down.view());
       layers_.push_back(std::move(layer));
     }
@@ -187,7 +189,7 @@ class DeviceSearchModel {
           "DeviceSearchModel: upload ids");
     check(cudaMemcpyAsync(pi_, pi.data(), entries * sizeof(float), cudaMemcpyHostToDevice, stream_),
           "DeviceSearchModel: upload pi");
-    step(ids_, batch.batch, batch.length, pi_, mixture.run, stream_);
+    replayed_step(ids_, batch.batch, batch.length, pi_, mixture.run, stream_);
     float loss[2];
     std::vector<float> grad(entries);
     check(cudaMemcpyAsync(loss, loss_.data(), sizeof(loss), cudaMemcpyDeviceToHost, stream_),
@@ -252,6 +254,18 @@ class DeviceSearchModel {
     norm_backward(x_last, final_norm_.data(), buffers_.d_hidden, false, rows, stream);
     for (int l = n_layers() - 1; l >= 0; --l)
       layer_backward(layer_context(c, l), l, pi + l * n_ops(), masks_[std::size_t(l)], grad_ + l * n_ops());
+  }
+
+  // step(), replayed as one CUDA graph (dash/core/cuda/replay.cuh) while its arguments stay the
+  // same: the first call with them runs eagerly (it settles the GEMM algorithms), the second
+  // captures. Eager in timing mode, whose events are per launch.
+  void replayed_step(const int* ids, index_t batch, index_t length, const float* pi,
+                     std::span<const std::uint8_t> run, cudaStream_t stream) {
+    if (timer_) return step(ids, batch, length, pi, run, stream);
+    std::vector<std::uint64_t> key{std::uint64_t(reinterpret_cast<std::uintptr_t>(ids)), std::uint64_t(batch),
+                                   std::uint64_t(length), std::uint64_t(reinterpret_cast<std::uintptr_t>(pi))};
+    key.insert(key.end(), run.begin(), run.end());
+    replay_.run(key, stream, [&](cudaStream_t s) { step(ids, batch, length, pi, run, s); });
   }
 
   // The teacher's final hidden states of `batch` sequences of `length` device ids, into
@@ -373,7 +387,10 @@ class DeviceSearchModel {
 
   // Timing mode: every GEMM and every other launch group of the following steps recorded in
   // `timer` (null: off). The fused loss is one region (its GEMMs run inside lm_loss).
-  void set_timer(StepTimer* timer) { timer_ = timer; }
+  void set_timer(StepTimer* timer) {
+    timer_ = timer;
+    replay_.reset();
+  }
 
  private:
   struct Layer {
@@ -432,17 +449,6 @@ class DeviceSearchModel {
     carve(ids_, rows, "ids");
     carve(pi_, std::size_t(n_layers()) * std::size_t(n_ops()), "pi");
     carve(grad_, std::size_t(n_layers()) * std::size_t(n_ops()), "dL/dpi");
-  }
-
-  template <class T>
-  static DeviceTensor<bfloat16> stacked(std::initializer_list<std::reference_wrapper<const Tensor<T>>> parts) {
-    const Tensor<T>& first = parts.begin()->get();
-    index_t rows = 0;
-    for (const Tensor<T>& p : parts) rows += p.dim(0);
-    Tensor<T> out(Shape{rows, first.dim(1)});
-    T* at = out.data();
-    for (const Tensor<T>& p : parts) at = std::copy(p.data(), p.data() + p.numel(), at);
-    return to_device_bf16<T>(out.view());
   }
 
   void validate_batch(const char* what, index_t batch, index_t length) const {
@@ -691,6 +697,7 @@ class DeviceSearchModel {
   float* grad_ = nullptr;
   std::vector<OpMask> masks_;  // the run flags of the current step, per layer
   StepTimer* timer_ = nullptr;
+  Replay replay_;  // declared after the workspace, so the graph goes before the buffers it uses
   cudaStream_t stream_ = nullptr;
 };
 
