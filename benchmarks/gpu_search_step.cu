@@ -153,6 +153,8 @@ void run(const std::string& name, index_t B, index_t T, cm::Activations activati
     replayed_ms.push_back(elapsed(start, stop));
   }
   std::sort(replayed_ms.begin(), replayed_ms.end());
+  std::size_t free_replayed = 0;
+  dash::cuda::check(cudaMemGetInfo(&free_replayed, &total), "cudaMemGetInfo");
   float loss[2];
   dash::cuda::check(cudaMemcpy(loss, model.loss(), sizeof(loss), cudaMemcpyDeviceToHost), "copy loss");
 
@@ -205,9 +207,9 @@ void run(const std::string& name, index_t B, index_t T, cm::Activations activati
   std::printf("  %-34s %10.2f ms  (%.1f TF/s counting its 3 GEMMs only, %.0f%% of 8192^3)\n", "fused KL loss",
               loss_ms, loss_flops / (loss_ms * 1e-3) / 1e12,
               100 * loss_flops / (loss_ms * 1e-3) / 1e12 / reference_tflops);
-  std::printf("  %-34s %10.2f GiB (model workspace %.2f GiB)\n", "device memory held",
-              double(free_before - free_after) / double(1ull << 30),
-              double(model.workspace_bytes()) / double(1ull << 30));
+  std::printf("  %-34s %10.2f GiB (model workspace %.2f GiB; %.2f GiB with the step's graph)\n", "device memory held",
+              double(free_before - free_after) / double(1ull << 30), double(model.workspace_bytes()) / double(1ull << 30),
+              double(free_before - free_replayed) / double(1ull << 30));
   std::printf("  time by part of the timed step (calls, ms, share):\n");
   std::vector<std::pair<std::string, Group>> parts(regions.begin(), regions.end());
   parts.push_back({"GEMMs outside the loss", Group{0, gemm_ms, 0}});

@@ -24,8 +24,9 @@ using DeviceModel = cuda::model::DeviceSearchModel<Softmax, SlidingWindow<>, Gat
 // fastest of cuBLASLt's candidate algorithms, timed in the first step.
 class CudaStep final : public DeviceSearchStep {
  public:
-  CudaStep(const SearchDecoder& decoder, index_t batch, index_t length, std::string name)
-      : model_(make_model(decoder, batch * length, length)), name_(std::move(name)) {
+  CudaStep(const SearchDecoder& decoder, index_t batch, index_t length, const DeviceModel::OpMask& candidates,
+           std::string name)
+      : model_(make_model(decoder, batch * length, length, candidates)), name_(std::move(name)) {
     if (model_->activations() == cuda::model::Activations::recomputed)
       std::fprintf(stderr, "search: the layers' activations do not fit beside the model; each layer's forward is "
                            "recomputed in the backward\n");
@@ -37,9 +38,10 @@ class CudaStep final : public DeviceSearchStep {
   std::string device_name() const override { return name_; }
 
  private:
-  static std::unique_ptr<DeviceModel> make_model(const SearchDecoder& decoder, index_t tokens, index_t length) {
+  static std::unique_ptr<DeviceModel> make_model(const SearchDecoder& decoder, index_t tokens, index_t length,
+                                                 const DeviceModel::OpMask& candidates) {
     const auto make = [&](cuda::model::Activations activations) {
-      return std::make_unique<DeviceModel>(decoder, tokens, length, activations, cuda::GemmChoice::fastest);
+      return std::make_unique<DeviceModel>(decoder, tokens, length, activations, cuda::GemmChoice::fastest, candidates);
     };
     try {
       return make(cuda::model::Activations::kept);
@@ -247,9 +249,10 @@ std::unique_ptr<DevicePreparation> make_cuda_preparation(const SearchDecoder& de
   return std::make_unique<CudaPreparation>(decoder, std::move(prepare), options, batch, length, std::move(name));
 }
 
-std::unique_ptr<DeviceSearchStep> make_cuda_search_step(const SearchDecoder& decoder, index_t batch, index_t length) {
+std::unique_ptr<DeviceSearchStep> make_cuda_search_step(const SearchDecoder& decoder, index_t batch, index_t length,
+                                                        const std::array<bool, n_ops>& candidates) {
   std::string name = cuda_device_name();
-  return std::make_unique<CudaStep>(decoder, batch, length, std::move(name));
+  return std::make_unique<CudaStep>(decoder, batch, length, candidates, std::move(name));
 }
 
 std::unique_ptr<DeviceScorer> make_cuda_scorer(const SearchDecoder& decoder, index_t max_tokens, index_t max_length) {

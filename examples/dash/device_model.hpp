@@ -3,6 +3,7 @@
 // (the make_cuda_* functions then throw).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -55,12 +56,15 @@ class DeviceSearchStep {
 };
 
 // The GPU copy of `decoder` (bf16 weights, every candidate's parameters) for batches of at most
-// batch × length tokens. Throws a dash::Error when no GPU is present. Defined in device_model.cu
-// in builds with CUDA (DASH_TOOL_CUDA).
+// batch × length tokens, holding activations for the operators in `candidates` only. Throws a
+// dash::Error when no GPU is present. Defined in device_model.cu in builds with CUDA
+// (DASH_TOOL_CUDA).
 #ifdef DASH_TOOL_CUDA
-std::unique_ptr<DeviceSearchStep> make_cuda_search_step(const SearchDecoder& decoder, index_t batch, index_t length);
+std::unique_ptr<DeviceSearchStep> make_cuda_search_step(const SearchDecoder& decoder, index_t batch, index_t length,
+                                                        const std::array<bool, n_ops>& candidates);
 #else
-inline std::unique_ptr<DeviceSearchStep> make_cuda_search_step(const SearchDecoder&, index_t, index_t) {
+inline std::unique_ptr<DeviceSearchStep> make_cuda_search_step(const SearchDecoder&, index_t, index_t,
+                                                               const std::array<bool, n_ops>&) {
   fail_without_cuda();
 }
 #endif
@@ -99,8 +103,8 @@ class CudaSearchModel {
  public:
   using Batch = model::TokenBatch;
 
-  CudaSearchModel(const SearchDecoder& decoder, index_t batch, index_t length)
-      : n_layers_(decoder.n_layers()), step_(make_cuda_search_step(decoder, batch, length)) {}
+  CudaSearchModel(const SearchDecoder& decoder, index_t batch, index_t length, const std::array<bool, n_ops>& candidates)
+      : n_layers_(decoder.n_layers()), step_(make_cuda_search_step(decoder, batch, length, candidates)) {}
 
   int n_layers() const { return n_layers_; }
   int n_ops() const { return tool::n_ops; }

@@ -196,7 +196,7 @@ inline int run_search(Workspace& ws) {
   const std::optional<io::CandidatesInfo> candidates = load_prepared(ws);
   if (ws.args.device == "cuda") {
     const Stopwatch building;
-    CudaSearchModel model(ws.decoder, ws.args.batch, ws.seq_len);
+    CudaSearchModel model(ws.decoder, ws.args.batch, ws.seq_len, ws.ops.candidate);
     std::fprintf(stderr, "search: on %s (model built and copied to it in %.1f s)\n", model.device_name().c_str(),
                  building.seconds());
     return run_search_with(ws, model, candidates);

@@ -383,6 +383,33 @@ TEST_CASE("search step: kl_and_gradient replayed as a CUDA graph equals the eage
   }
 }
 
+TEST_CASE("search model built for some operators holds less and equals the model of all of them") {
+  if (!test::gpu_available()) return;
+  Rng rng = test::rng_for("search step used operators");
+  model::Config c = test::random_config(rng);
+  c.n_layers = 2, c.d_head = 64, c.n_heads = 4, c.n_kv_heads = 2, c.d_model = 128, c.d_ff = 192, c.vocab_size = 300;
+  const model::Weights<double> w = model::Weights<double>::random(c, rng);
+  const test::SearchReference ref =
+      test::make_search_reference(c, w, rng, SlidingWindow<>(1 + index_t(rng.below(70))), GatedLinear{}, GatedDeltaNet{});
+  const index_t B = 2, T = 65 + index_t(rng.below(70));
+  const std::vector<int> ids = test::random_ids(rng, B * T, c.vocab_size);
+  const model::TokenBatch batch{ids, B, T};
+  search::Mixture mixture = random_mixture(c.n_layers, 4, rng);
+  for (int l = 0; l < c.n_layers; ++l) mixture.weights[std::size_t(4 * l + 3)] = 0, mixture.run[std::size_t(4 * l + 3)] = 0;
+
+  DeviceModel all(ref.exact, B * T, T, cm::Activations::kept);
+  DeviceModel some(ref.exact, B * T, T, cm::Activations::kept, dash::cuda::GemmChoice::heuristic,
+                   {true, true, true, false});  // no GatedDeltaNet
+  MESSAGE("workspace: every operator ", all.workspace_bytes(), " bytes, without GatedDeltaNet ", some.workspace_bytes());
+  CHECK(some.workspace_bytes() < all.workspace_bytes());
+  const GpuStep a = gpu_step(all, batch, mixture), b = gpu_step(some, batch, mixture);
+  CHECK(std::abs(a.kl - b.kl) <= test::fp32_tolerance * std::abs(a.kl));
+  CHECK(relative_l2(b.grad, a.grad) <= test::fp32_tolerance);
+  CHECK(test::relative_l2(b.d_input, a.d_input) <= test::fp32_tolerance);
+  mixture.weights[3] = 0.5, mixture.run[3] = 1;
+  CHECK(test::contains(test::error_of([&] { (void)some.kl_and_gradient(batch, mixture); }), "built without it"));
+}
+
 TEST_CASE("search step with every layer's activations kept equals the step that recomputes them") {
   if (!test::gpu_available()) return;
   Rng rng = test::rng_for("search step kept activations");

@@ -392,11 +392,13 @@ class DeviceMixedAttention {
     return n_ops;
   }
 
-  MixerWidths widths() const {
+  // The widths of this layer's activations, own operators outside `used` none.
+  MixerWidths widths(const OpMask& used) const {
     MixerWidths w;
     w.n_ops = n_ops, w.n_shared = n_shared, w.n_own = n_own;
     w.d_model = shape_.d_model, w.q_dim = q_dim_, w.qkv_width = qkv_width_, w.n_heads = shape_.n_heads;
     for (int j = 0; j < n_own; ++j) {
+      if (!own_used(j, used)) continue;
       const OwnOp& o = own_[std::size_t(j)];
       w.own_q[j] = q_dim_;
       w.own_gates[j] = o.gates, w.own_in[j] = o.in_width;
@@ -404,8 +406,8 @@ class DeviceMixedAttention {
     return w;
   }
 
-  // Bytes of the operators' kernels' scratch for `batch` sequences of `length` tokens.
-  std::size_t scratch_bytes(index_t batch, index_t length) const {
+  // Bytes of the kernels' scratch of the operators in `used` for `batch` sequences of `length` tokens.
+  std::size_t scratch_bytes(index_t batch, index_t length, const OpMask& used) const {
     const int B = int(batch), T = int(length), H = shape_.n_heads, D = shape_.d_head;
     std::size_t bytes = 0;
     if constexpr (n_shared > 0) {
@@ -415,6 +417,7 @@ class DeviceMixedAttention {
       bytes = std::max(bytes, attention::mixture_backward_workspace_bytes(a));
     }
     for (int j = 0; j < n_own; ++j) {
+      if (!own_used(j, used)) continue;
       const OwnOp& o = own_[std::size_t(j)];
       if (o.kind == OwnKind::gated_linear) {
         gla::ForwardParams f;
@@ -429,13 +432,14 @@ class DeviceMixedAttention {
     return bytes;
   }
 
-  // Widens w.own_kept_bytes to what `batch` sequences of `length` tokens keep: GatedDeltaNet's
+  // Widens w.own_kept_bytes to what `batch` sequences of `length` tokens keep (of the operators
+  // in `used`): GatedDeltaNet's
   // forward leaves its chunk workspace (normalised keys, the solve, every chunk's state) in the
   // layer's activations, so that its backward does not compute them again.
-  void widen_kept(MixerWidths& w, index_t batch, index_t length) const {
+  void widen_kept(MixerWidths& w, index_t batch, index_t length, const OpMask& used) const {
     for (int j = 0; j < n_own; ++j) {
       const OwnOp& o = own_[std::size_t(j)];
-      if (o.kind != OwnKind::gated_delta_net) continue;
+      if (o.kind != OwnKind::gated_delta_net || !own_used(j, used)) continue;
       const gdn::Dims dims{batch, length, shape_.n_heads, o.kv_heads, shape_.d_head};
       w.own_kept_bytes[std::size_t(j)] = std::max(w.own_kept_bytes[std::size_t(j)], gdn::kept_workspace_bytes(dims));
     }
@@ -649,6 +653,13 @@ class DeviceMixedAttention {
       if (run[std::size_t(i)] && is_shared(i)) return true;
     return false;
   }
+  // Whether own operator j is one of `used`.
+  bool own_used(int j, const OpMask& used) const {
+    for (int i = 0; i < n_ops; ++i)
+      if (!is_shared(i) && info_[std::size_t(i)].slot == j) return used[std::size_t(i)];
+    return false;
+  }
+
   static OpMask only_softmax() {
     OpMask m{};
     m[std::size_t(softmax_index())] = true;

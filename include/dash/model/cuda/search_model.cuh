@@ -85,15 +85,24 @@ class DeviceSearchModel {
                 "DeviceSearchModel: the teacher is softmax attention in every layer, so the operators must include "
                 "Softmax");
 
+  static constexpr OpMask every_op() {
+    OpMask all{};
+    all.fill(true);
+    return all;
+  }
+
+  // `used`: the operators any step may run (a search's candidates); the device holds no
+  // activations or scratch for the others, and a step that runs one is refused.
   template <class T>
     requires(std::is_same_v<T, float> || std::is_same_v<T, double>)
   DeviceSearchModel(const dash::model::Decoder<T, BasicMixedAttention<T, Ops...>>& decoder, index_t max_tokens,
                     index_t max_length, Activations activations = Activations::recomputed,
-                    GemmChoice gemm_choice = GemmChoice::heuristic)
+                    GemmChoice gemm_choice = GemmChoice::heuristic, OpMask used = every_op())
       : config_(decoder.config()),
         max_tokens_(max_tokens),
         max_length_(max_length),
         activations_(activations),
+        used_(used),
         gemm_(Gemm::default_workspace_bytes, gemm_choice) {
     const dash::model::Config& c = config_;
     c.validate();
@@ -128,7 +137,7 @@ class DeviceSearchModel {
     n_scale_jobs_ = int(jobs.size());
     for (const ScaleJob& j : jobs) scale_elements_ = std::max(scale_elements_, j.rows * j.cols);
 
-    for (const Layer& layer : layers_) widths_.widen(layer.mixer.widths());
+    for (const Layer& layer : layers_) widths_.widen(layer.mixer.widths(used_));
     // The operators' scratch for every split of max_tokens into sequences of at least
     // min(planned_length, max_length) tokens (shorter ones pad to the kernels' chunks and would
     // reserve several times the memory; step() refuses a batch that needs more than this).
@@ -136,7 +145,7 @@ class DeviceSearchModel {
     for (index_t b = 1; b <= std::min(max_tokens / shortest, Mixer::max_batch); ++b) {
       const index_t length = std::min(max_length, max_tokens / b);
       scratch_bytes_ = std::max(scratch_bytes_, scratch_bytes(b, length));
-      for (const Layer& layer : layers_) layer.mixer.widen_kept(widths_, b, length);
+      for (const Layer& layer : layers_) layer.mixer.widen_kept(widths_, b, length, used_);
     }
     loss_ = DeviceTensor<float>(Shape{2});
     scores_ = DeviceTensor<float>(Shape{2});
@@ -211,11 +220,8 @@ class DeviceSearchModel {
     validate_batch("step", batch, length);
     require(ids != nullptr, "DeviceSearchModel::step: ids is null");
     require(pi != nullptr, "DeviceSearchModel::step: pi is null");
+    set_masks("step", run);
     const std::size_t entries = std::size_t(n_layers()) * std::size_t(n_ops());
-    require(run.size() == entries, "DeviceSearchModel::step: run has ", run.size(),
-            " flags, expected n_layers × n_ops = ", entries);
-    masks_.resize(std::size_t(n_layers()));
-    for (std::size_t e = 0; e < entries; ++e) masks_[e / std::size_t(n_ops())][e % std::size_t(n_ops())] = run[e] != 0;
 
     const index_t rows = batch * length;
     const MixerContext c = context(batch, length, stream);
@@ -466,7 +472,7 @@ class DeviceSearchModel {
     };
     refuse_above(scratch_bytes(batch, length), scratch_bytes_, "operator scratch");
     MixerWidths kept;
-    for (const Layer& layer : layers_) layer.mixer.widen_kept(kept, batch, length);
+    for (const Layer& layer : layers_) layer.mixer.widen_kept(kept, batch, length, used_);
     for (int j = 0; j < MixerWidths::max_own; ++j)
       refuse_above(kept.own_kept_bytes[std::size_t(j)], widths_.own_kept_bytes[std::size_t(j)],
                    "GatedDeltaNet workspace kept per layer");
@@ -477,11 +483,21 @@ class DeviceSearchModel {
     validate_batch(what, batch, length);
     require(ids != nullptr, "DeviceSearchModel::", what, ": ids is null");
     require(pi != nullptr, "DeviceSearchModel::", what, ": pi is null");
+    set_masks(what, run);
+  }
+
+  // masks_ from the run flags, which may only name operators the model was built for.
+  void set_masks(const char* what, std::span<const std::uint8_t> run) {
     const std::size_t entries = std::size_t(n_layers()) * std::size_t(n_ops());
     require(run.size() == entries, "DeviceSearchModel::", what, ": run has ", run.size(),
             " flags, expected n_layers × n_ops = ", entries);
     masks_.resize(std::size_t(n_layers()));
-    for (std::size_t e = 0; e < entries; ++e) masks_[e / std::size_t(n_ops())][e % std::size_t(n_ops())] = run[e] != 0;
+    for (std::size_t e = 0; e < entries; ++e) {
+      const std::size_t l = e / std::size_t(n_ops()), i = e % std::size_t(n_ops());
+      require(!run[e] || used_[i], "DeviceSearchModel::", what, ": operator ", i, " runs in layer ", l,
+              ", but the model was built without it");
+      masks_[l][i] = run[e] != 0;
+    }
   }
 
   // The student's final hidden states under π and masks_ into student_hidden(), the residual
@@ -516,7 +532,7 @@ class DeviceSearchModel {
   // The operators' scratch for `batch` sequences of `length` tokens, over every layer.
   std::size_t scratch_bytes(index_t batch, index_t length) const {
     std::size_t bytes = 0;
-    for (const Layer& layer : layers_) bytes = std::max(bytes, layer.mixer.scratch_bytes(batch, length));
+    for (const Layer& layer : layers_) bytes = std::max(bytes, layer.mixer.scratch_bytes(batch, length, used_));
     return bytes;
   }
 
@@ -677,6 +693,7 @@ class DeviceSearchModel {
   dash::model::Config config_;
   index_t max_tokens_, max_length_;
   Activations activations_;
+  OpMask used_;  // the operators that may run; the others' activations and scratch are not held
   DeviceTensor<bfloat16> embedding_, lm_head_, final_norm_;
   std::vector<Layer> layers_;
   std::optional<RopeTable> rope_;
