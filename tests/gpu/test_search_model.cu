@@ -220,6 +220,16 @@ Errors check_step(const std::string& what, const GpuStep& got, const test::Searc
   return e;
 }
 
+// Two layers of d_head 64 under GQA with every operator (a random window): for the tests that
+// compare steps with each other.
+test::SearchReference two_layer_reference(Rng& rng) {
+  model::Config c = test::random_config(rng);
+  c.n_layers = 2, c.d_head = 64, c.n_heads = 4, c.n_kv_heads = 2, c.d_model = 128, c.d_ff = 192, c.vocab_size = 300;
+  const model::Weights<double> w = model::Weights<double>::random(c, rng);
+  return test::make_search_reference(c, w, rng, SlidingWindow<>(1 + index_t(rng.below(70))), GatedLinear{},
+                                     GatedDeltaNet{});
+}
+
 }  // namespace
 
 TEST_CASE("search step on stories260K: KL, dL/dpi, hidden states and dL/dx0 match the CPU in float64") {
@@ -346,11 +356,8 @@ TEST_CASE("search step: kl_and_gradient (the SearchModel contract) equals step()
 TEST_CASE("search step: kl_and_gradient replayed as a CUDA graph equals the eager step") {
   if (!test::gpu_available()) return;
   Rng rng = test::rng_for("search step replay");
-  model::Config c = test::random_config(rng);
-  c.n_layers = 2, c.d_head = 64, c.n_heads = 4, c.n_kv_heads = 2, c.d_model = 128, c.d_ff = 192, c.vocab_size = 300;
-  const model::Weights<double> w = model::Weights<double>::random(c, rng);
-  const test::SearchReference ref =
-      test::make_search_reference(c, w, rng, SlidingWindow<>(1 + index_t(rng.below(70))), GatedLinear{}, GatedDeltaNet{});
+  const test::SearchReference ref = two_layer_reference(rng);
+  const model::Config& c = ref.exact.config();
   const index_t B = 2, T = 65 + index_t(rng.below(70));
   DeviceModel device(ref.exact, B * T, T, cm::Activations::kept);
   const auto same = [](double kl, const std::vector<double>& grad, const GpuStep& want) {
@@ -386,11 +393,8 @@ TEST_CASE("search step: kl_and_gradient replayed as a CUDA graph equals the eage
 TEST_CASE("search model built for some operators holds less and equals the model of all of them") {
   if (!test::gpu_available()) return;
   Rng rng = test::rng_for("search step used operators");
-  model::Config c = test::random_config(rng);
-  c.n_layers = 2, c.d_head = 64, c.n_heads = 4, c.n_kv_heads = 2, c.d_model = 128, c.d_ff = 192, c.vocab_size = 300;
-  const model::Weights<double> w = model::Weights<double>::random(c, rng);
-  const test::SearchReference ref =
-      test::make_search_reference(c, w, rng, SlidingWindow<>(1 + index_t(rng.below(70))), GatedLinear{}, GatedDeltaNet{});
+  const test::SearchReference ref = two_layer_reference(rng);
+  const model::Config& c = ref.exact.config();
   const index_t B = 2, T = 65 + index_t(rng.below(70));
   const std::vector<int> ids = test::random_ids(rng, B * T, c.vocab_size);
   const model::TokenBatch batch{ids, B, T};

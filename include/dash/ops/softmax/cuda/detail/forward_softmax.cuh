@@ -69,18 +69,7 @@ struct OnlineSoftmax {
       for (int r = 0; r < 2; ++r)
         partial[r][f % kChains] = fmaxf(partial[r][f % kChains], fmaxf(s[4 * f + 2 * r], s[4 * f + 2 * r + 1]));
     float base[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = partial[r][0];
-#pragma unroll
-      for (int i = 1; i < kChains; ++i) tile_max = fmaxf(tile_max, partial[r][i]);
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float new_max = fmaxf(row_max[r], tile_max);
-      base[r] = new_max == minus_infinity ? 0.f : new_max * scale_log2;
-      rescale[r] = ptx::fast_exp2(row_max[r] * scale_log2 - base[r]);
-      row_max[r] = new_max;
-    }
+    raise_max(partial, scale_log2, base, rescale);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -95,13 +84,7 @@ struct OnlineSoftmax {
         x1 = ptx::fast_exp2(fmaf(x1, scale_log2, -base[r]));
         partial[r][f % kChains] += x0 + x1;
       }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = partial[r][0];
-#pragma unroll
-      for (int i = 1; i < kChains; ++i) sum += partial[r][i];
-      row_sum[r] = row_sum[r] * rescale[r] + sum;
-    }
+    add_sums(partial, rescale);
   }
 
   // The same update over the columns [first[r], last[r]] of each row r only (columns counted
@@ -131,18 +114,7 @@ struct OnlineSoftmax {
           partial[r][f % kChains] =
               fmaxf(partial[r][f % kChains], visible(r, f, c) ? s[4 * f + 2 * r + c] : minus_infinity);
     float base[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = partial[r][0];
-#pragma unroll
-      for (int i = 1; i < kChains; ++i) tile_max = fmaxf(tile_max, partial[r][i]);
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float new_max = fmaxf(row_max[r], tile_max);
-      base[r] = new_max == minus_infinity ? 0.f : new_max * scale_log2;
-      rescale[r] = ptx::fast_exp2(row_max[r] * scale_log2 - base[r]);
-      row_max[r] = new_max;
-    }
+    raise_max(partial, scale_log2, base, rescale);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -156,6 +128,31 @@ struct OnlineSoftmax {
         partial[r][f % kChains] += x0 + x1;
         p[2 * f + r] = ptx::pack_bf16x2(x0, x1);
       }
+    add_sums(partial, rescale);
+  }
+
+  // m' from this thread's partial maxima of a tile (reduced over the quad): the exponent base
+  // λ·log2 e·m' per row into `base`, α into `rescale`.
+  template <int kChains>
+  __device__ __forceinline__ void raise_max(const float (&partial)[2][kChains], float scale_log2, float (&base)[2],
+                                            float (&rescale)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = partial[r][0];
+#pragma unroll
+      for (int i = 1; i < kChains; ++i) tile_max = fmaxf(tile_max, partial[r][i]);
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float new_max = fmaxf(row_max[r], tile_max);
+      base[r] = new_max == minus_infinity ? 0.f : new_max * scale_log2;
+      rescale[r] = ptx::fast_exp2(row_max[r] * scale_log2 - base[r]);
+      row_max[r] = new_max;
+    }
+  }
+
+  // l' = α·l + this thread's partial sums of the tile's p.
+  template <int kChains>
+  __device__ __forceinline__ void add_sums(const float (&partial)[2][kChains], const float (&rescale)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float sum = partial[r][0];
