@@ -394,26 +394,10 @@ PairOutputs run_pair(const Inputs& x, const Case& c, std::int64_t window) {
   test::poison(lse);
   test::poison(window_o);
   test::poison(window_lse);
-  const attention::ForwardParams f = contiguous_params(c);
-  attention::PairForwardParams p;
-  p.q = q.data();
-  p.k = k.data();
-  p.v = v.data();
-  p.o = o.data();
-  p.lse = lse.data();
-  p.window_o = window_o.data();
-  p.window_lse = window_lse.data();
-  p.q_strides = f.q_strides;
-  p.k_strides = f.k_strides;
-  p.v_strides = f.v_strides;
-  p.o_strides = p.window_o_strides = f.o_strides;
-  p.batch = f.batch;
-  p.length = f.length;
-  p.n_heads = f.n_heads;
-  p.n_kv_heads = f.n_kv_heads;
-  p.d_head = f.d_head;
-  p.scale = f.scale;
-  p.window = window;
+  attention::ForwardParams f = contiguous_params(c);
+  f.q = q.data(), f.k = k.data(), f.v = v.data(), f.o = o.data(), f.lse = lse.data();
+  const attention::PairForwardParams p =
+      attention::pair_params(f, window_o.data(), f.o_strides, window_lse.data(), window);
   attention::pair_forward(p, nullptr);
   cuda::check(cudaDeviceSynchronize(), "attention pair forward");
   return {{cuda::to_host_double(o), cuda::to_host_double(lse)},
@@ -607,26 +591,7 @@ namespace {
 
 attention::PairForwardParams valid_pair_params(Dummy& d, Dummy& w) {
   const attention::ForwardParams f = valid_params(d);
-  attention::PairForwardParams p;
-  p.q = f.q;
-  p.k = f.k;
-  p.v = f.v;
-  p.o = f.o;
-  p.lse = f.lse;
-  p.window_o = w.o;
-  p.window_lse = w.lse;
-  p.q_strides = f.q_strides;
-  p.k_strides = f.k_strides;
-  p.v_strides = f.v_strides;
-  p.o_strides = p.window_o_strides = f.o_strides;
-  p.batch = f.batch;
-  p.length = f.length;
-  p.n_heads = f.n_heads;
-  p.n_kv_heads = f.n_kv_heads;
-  p.d_head = f.d_head;
-  p.scale = f.scale;
-  p.window = 4;
-  return p;
+  return attention::pair_params(f, w.o, f.o_strides, w.lse, 4);
 }
 
 std::string pair_refusal(const attention::PairForwardParams& p) {

@@ -735,15 +735,8 @@ class DeviceMixedAttention {
       if (a[0].mask.window < c.length) std::swap(a[0], a[1]);
       const attention::ForwardParams &causal = a[0], &window = a[1];
       if (causal.mask.window >= c.length && causal.mask.sinks == 0 && window.mask.sinks == 0) {
-        attention::PairForwardParams p;
-        p.q = causal.q, p.k = causal.k, p.v = causal.v, p.o = causal.o, p.lse = causal.lse;
-        p.window_o = window.o, p.window_lse = window.lse;
-        p.q_strides = causal.q_strides, p.k_strides = causal.k_strides, p.v_strides = causal.v_strides;
-        p.o_strides = causal.o_strides, p.window_o_strides = window.o_strides;
-        p.batch = causal.batch, p.length = causal.length, p.n_heads = causal.n_heads;
-        p.n_kv_heads = causal.n_kv_heads, p.d_head = causal.d_head, p.scale = causal.scale;
-        p.window = window.mask.window;
-        return attention::pair_forward(p, c.stream);
+        return attention::pair_forward(
+            attention::pair_params(causal, window.o, window.o_strides, window.lse, window.mask.window), c.stream);
       }
     }
     for (int t = 0; t < n; ++t) attention::forward(a[std::size_t(t)], c.stream);

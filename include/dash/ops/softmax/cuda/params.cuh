@@ -53,6 +53,21 @@ struct PairForwardParams {
   std::int64_t window = 0;  // W ≥ 1; W ≥ T makes both outputs causal
 };
 
+// The pair of `causal`'s forward (its q, k, v, o, lse and sizes; its mask is not read) and a
+// window-W forward into window_o and window_lse.
+inline PairForwardParams pair_params(const ForwardParams& causal, bfloat16* window_o, Strides window_o_strides,
+                                     float* window_lse, std::int64_t window) {
+  PairForwardParams p;
+  p.q = causal.q, p.k = causal.k, p.v = causal.v, p.o = causal.o, p.lse = causal.lse;
+  p.window_o = window_o, p.window_lse = window_lse;
+  p.q_strides = causal.q_strides, p.k_strides = causal.k_strides, p.v_strides = causal.v_strides;
+  p.o_strides = causal.o_strides, p.window_o_strides = window_o_strides;
+  p.batch = causal.batch, p.length = causal.length, p.n_heads = causal.n_heads, p.n_kv_heads = causal.n_kv_heads;
+  p.d_head = causal.d_head, p.scale = causal.scale;
+  p.window = window;
+  return p;
+}
+
 // dq, dk, dv have the layouts of q, k, v (with their own strides). `accumulate` adds the
 // gradients into what dq, dk, dv hold (MixedAttention sums over ops); otherwise they are
 // overwritten.
