@@ -129,30 +129,26 @@ void run(const std::string& name, index_t B, index_t T, cm::Activations activati
   cudaEvent_t start, stop;
   dash::cuda::check(cudaEventCreate(&start), "event");
   dash::cuda::check(cudaEventCreate(&stop), "event");
-  for (int i = 0; i < 2; ++i) step();
-  dash::cuda::check(cudaStreamSynchronize(stream), "sync");
-  std::vector<float> ms;
-  for (int i = 0; i < 10; ++i) {
-    dash::cuda::check(cudaEventRecord(start, stream), "record");
-    step();
-    dash::cuda::check(cudaEventRecord(stop, stream), "record");
-    dash::cuda::check(cudaEventSynchronize(stop), "sync");
-    ms.push_back(elapsed(start, stop));
-  }
-  std::sort(ms.begin(), ms.end());
+  // 10 steps after 2 of warm-up, each timed by CUDA events: the sorted milliseconds.
+  const auto time_steps = [&](const auto& run_step) {
+    for (int i = 0; i < 2; ++i) run_step();
+    dash::cuda::check(cudaStreamSynchronize(stream), "sync");
+    std::vector<float> times;
+    for (int i = 0; i < 10; ++i) {
+      dash::cuda::check(cudaEventRecord(start, stream), "record");
+      run_step();
+      dash::cuda::check(cudaEventRecord(stop, stream), "record");
+      dash::cuda::check(cudaEventSynchronize(stop), "sync");
+      times.push_back(elapsed(start, stop));
+    }
+    std::sort(times.begin(), times.end());
+    return times;
+  };
+  const std::vector<float> ms = time_steps(step);
   const double step_ms = ms[ms.size() / 2];
   // The same steps replayed as one CUDA graph (what the search's kl_and_gradient runs).
-  const auto replayed = [&] { model.replayed_step(ids_device.data(), B, T, pi_device.data(), run, stream); };
-  for (int i = 0; i < 2; ++i) replayed();
-  std::vector<float> replayed_ms;
-  for (int i = 0; i < 10; ++i) {
-    dash::cuda::check(cudaEventRecord(start, stream), "record");
-    replayed();
-    dash::cuda::check(cudaEventRecord(stop, stream), "record");
-    dash::cuda::check(cudaEventSynchronize(stop), "sync");
-    replayed_ms.push_back(elapsed(start, stop));
-  }
-  std::sort(replayed_ms.begin(), replayed_ms.end());
+  const std::vector<float> replayed_ms =
+      time_steps([&] { model.replayed_step(ids_device.data(), B, T, pi_device.data(), run, stream); });
   std::size_t free_replayed = 0;
   dash::cuda::check(cudaMemGetInfo(&free_replayed, &total), "cudaMemGetInfo");
   float loss[2];
